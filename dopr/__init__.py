@@ -1,0 +1,1 @@
+"""DoPr: double preconditioning for test-time performance."""

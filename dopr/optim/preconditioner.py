@@ -1,0 +1,328 @@
+"""Activation preconditioning (AP): the part of DoPr that we own.
+
+For every supported layer with weight gradient G (d_out x d_in) and inputs z (n rows of d_in):
+
+    S = z^T z / n                                   (uncentered second moment of the layer input)
+    P = (S + damping * tr(S)/d * I)^-1              (Cholesky, fp32, never NaN)
+    G <- G P                                        (before any gradient preconditioner sees it)
+
+Statistics are recorded by forward pre-hooks, only in training-mode passes with grad enabled, so
+validation passes and rollouts never touch them. Micro-batches of one step are summed (gradient
+accumulation), and under torch.distributed the sums are all-reduced in one bucket before use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+BIAS_MODES = ("augment", "gp")
+
+
+@dataclass
+class APConfig:
+    """Hyperparameters of activation preconditioning. Paper defaults: per-batch S, every step."""
+
+    damping: float = 1e-3  # relative to the mean eigenvalue tr(S)/d
+    ema: float = 0.0  # 0: S of the current batch; b in (0,1): S <- b*S + (1-b)*S_batch
+    stat_interval: int = 1  # record statistics every k steps
+    inverse_interval: int = 1  # recompute P every k steps (staggered across layers when > 1)
+    max_rows: int | None = None  # sub-sample z to about this many rows (strided, no RNG)
+    bias: str = "augment"  # "augment": precondition [W b] with z augmented by 1; "gp": biases untouched
+    warmup_steps: int = 0  # plain gradients for the first k steps
+    exclude: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names to skip
+
+    def __post_init__(self):
+        self.exclude = tuple(self.exclude or ())
+        checks = [
+            (self.damping >= 0 and math.isfinite(self.damping), "damping must be a finite number >= 0"),
+            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
+            (int(self.stat_interval) == self.stat_interval >= 1, "stat_interval must be an integer >= 1"),
+            (int(self.inverse_interval) == self.inverse_interval >= 1, "inverse_interval must be an integer >= 1"),
+            (self.max_rows is None or int(self.max_rows) >= 1, "max_rows must be None or an integer >= 1"),
+            (self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}"),
+            (int(self.warmup_steps) == self.warmup_steps >= 0, "warmup_steps must be an integer >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"APConfig: {message} (got {self})")
+
+
+class _LayerStats:
+    """Statistics, inverse and gradient plumbing of one supported layer."""
+
+    def __init__(self, name: str, module: nn.Module, augment_bias: bool, index: int):
+        self.name = name
+        self.module = module
+        self.index = index  # staggers inverse refreshes across layers
+        self.weight = module.weight
+        self.bias = module.bias if (augment_bias and module.bias is not None) else None
+        self.in_dim = self.weight[0].numel()  # d_in, or C*kh*kw for convolutions
+        self.dim = self.in_dim + (1 if self.bias is not None else 0)
+        self.xtx: torch.Tensor | None = None  # sum over recorded rows of z z^T
+        self.xsum: torch.Tensor | None = None  # sum of z (only with bias augmentation)
+        self.rows = 0
+        self.S: torch.Tensor | None = None
+        self.P: torch.Tensor | None = None
+
+    # -- recording -------------------------------------------------------------------------------
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The (n, d_in) matrix whose rows the weight multiplies (patches for convolutions)."""
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return x.reshape(-1, self.in_dim)
+        if isinstance(m, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, stride, dilation = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
+            pads = _explicit_padding(m.padding, m.kernel_size, m.dilation)  # (left, right)
+        else:
+            kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
+            pads = _explicit_padding(m.padding, m.kernel_size, m.dilation)  # (l, r, t, b)
+        if any(pads):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, d_in, L)
+        return patches.transpose(1, 2).reshape(-1, self.in_dim)
+
+    def record(self, x: torch.Tensor, max_rows: int | None, step: int) -> None:
+        z = self.input_rows(x.detach())
+        if max_rows is not None and z.shape[0] > max_rows:
+            stride = math.ceil(z.shape[0] / max_rows)
+            z = z[step % stride :: stride]  # strided view: cheap and deterministic
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 inputs accumulate in fp32
+        if self.xtx is None:
+            self.xtx = torch.zeros(self.in_dim, self.in_dim, device=z.device, dtype=z.dtype)
+            if self.bias is not None:
+                self.xsum = torch.zeros(self.in_dim, device=z.device, dtype=z.dtype)
+        self.xtx.addmm_(z.T, z)
+        if self.xsum is not None:
+            self.xsum.add_(z.sum(0))
+        self.rows += z.shape[0]
+
+    def batch_second_moment(self) -> torch.Tensor:
+        """S of the recorded rows, augmented with the constant-1 column when biases are included."""
+        n = max(self.rows, 1)
+        if self.bias is None:
+            return self.xtx / n
+        S = self.xtx.new_empty(self.dim, self.dim)
+        S[:-1, :-1] = self.xtx / n
+        S[:-1, -1] = S[-1, :-1] = self.xsum / n
+        S[-1, -1] = 1.0 if self.rows else 0.0
+        return S
+
+    def reset(self) -> None:
+        if self.xtx is not None:
+            self.xtx.zero_()
+        if self.xsum is not None:
+            self.xsum.zero_()
+        self.rows = 0
+
+    # -- gradients -------------------------------------------------------------------------------
+    def grad_matrix(self) -> torch.Tensor | None:
+        if self.weight.grad is None:
+            return None
+        G = self.weight.grad.reshape(self.weight.shape[0], -1)
+        if self.bias is None:
+            return G
+        b = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([G, b.reshape(-1, 1)], dim=1)
+
+    def set_grad_matrix(self, M: torch.Tensor) -> None:
+        self.weight.grad.copy_(M[:, : self.in_dim].reshape(self.weight.shape))
+        if self.bias is not None and self.bias.grad is not None:
+            self.bias.grad.copy_(M[:, -1])
+
+
+def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, ...]:
+    """Conv padding as an F.pad tuple (last spatial dim first), resolving 'same' / 'valid'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * (2 * len(kernel_size))
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel_size), reversed(dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]  # torch puts the odd extra on the right
+        return tuple(pads)
+    pads = []
+    for p in reversed(padding):
+        pads += [p, p]
+    return tuple(pads)
+
+
+def damped_inverse(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """(S + damping*tr(S)/d*I)^-1 for a batch (B, d, d) of PSD matrices, by Cholesky in fp32 (or fp64).
+
+    Never returns NaN or inf: a failed factorization retries with 10x more damping (three times),
+    then falls back to (tr(S)/d)^-1 * I; a zero or non-finite S gives the identity.
+    """
+    S = S.to(torch.promote_types(S.dtype, torch.float32))
+    d = S.shape[-1]
+    eye = torch.eye(d, device=S.device, dtype=S.dtype)
+    scale = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d  # mean eigenvalue, (B,)
+    usable = torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(usable, scale, torch.ones_like(scale))
+    S = torch.where(usable[:, None, None], S, eye)
+    P = torch.empty_like(S)
+    todo = torch.ones_like(usable)
+    for factor in (1.0, 10.0, 100.0, 1000.0):
+        lam = max(damping * factor, 1e-6 if factor > 1 else damping)
+        L, info = torch.linalg.cholesky_ex(S + (lam * scale)[:, None, None] * eye)
+        factored = (info == 0) & torch.isfinite(L).all(dim=(-2, -1))
+        inv = torch.cholesky_inverse(torch.where(factored[:, None, None], L, eye))  # failed ones are discarded
+        ok = todo & factored & torch.isfinite(inv).all(dim=(-2, -1))
+        P = torch.where(ok[:, None, None], inv, P)
+        todo = todo & ~ok
+        if not todo.any():
+            break
+    fallback = eye / scale[:, None, None]
+    P = torch.where(todo[:, None, None], fallback, P)
+    return torch.where(usable[:, None, None], P, eye.expand_as(P))
+
+
+class ActivationPreconditioner:
+    """Hooks a model's Linear / Conv1d / Conv2d layers and rewrites their gradients to G P.
+
+    Use standalone between ``loss.backward()`` and ``optimizer.step()`` (call ``step()``), or let
+    :class:`dopr.optim.DoPr` call it. Only layers whose weight is in ``params`` (when given) and
+    requires grad are preconditioned; ``config.exclude`` removes layers by name.
+    """
+
+    def __init__(self, model: nn.Module, config: APConfig | None = None, params: Iterable[torch.Tensor] | None = None):
+        self.config = config or APConfig()
+        wanted = None if params is None else {id(p) for p in params}
+        self.layers: list[_LayerStats] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            if not isinstance(module, SUPPORTED_LAYERS) or not module.weight.requires_grad:
+                continue
+            if wanted is not None and id(module.weight) not in wanted:
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.exclude):
+                continue
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+                warnings.warn(f"AP skips grouped convolution {name!r} (groups={module.groups}); it gets the plain GP")
+                continue
+            layer = _LayerStats(name, module, self.config.bias == "augment", len(self.layers))
+            self.layers.append(layer)
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+        self.steps = 0  # completed optimizer steps
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _recording(self) -> bool:
+        return self.steps % self.config.stat_interval == 0
+
+    def _make_hook(self, layer: _LayerStats):
+        def hook(module, args):
+            # Only the optimized step's own forward passes count: no eval passes, no no_grad rollouts.
+            if module.training and torch.is_grad_enabled() and args and self._recording():
+                layer.record(args[0], self.config.max_rows, self.steps)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Turn this step's statistics into inverses (when due) and rewrite the gradients."""
+        cfg = self.config
+        if self._recording():
+            self._all_reduce()
+            for layer in self.layers:
+                if layer.rows == 0:
+                    continue
+                S_batch = layer.batch_second_moment()
+                if cfg.ema > 0 and layer.S is not None:
+                    layer.S.mul_(cfg.ema).add_(S_batch, alpha=1 - cfg.ema)
+                else:
+                    layer.S = S_batch
+        self._refresh_inverses()
+        for layer in self.layers:
+            layer.reset()
+        if self.steps >= cfg.warmup_steps:
+            for layer in self.layers:
+                G = layer.grad_matrix()
+                if G is None or layer.P is None:
+                    continue
+                layer.set_grad_matrix(G.to(layer.P.dtype) @ layer.P)
+        self.steps += 1
+
+    def _refresh_inverses(self) -> None:
+        k = self.config.inverse_interval
+        due = [
+            layer
+            for layer in self.layers
+            if layer.S is not None and (layer.P is None or (self.steps + layer.index) % k == 0)
+        ]
+        by_shape: dict[tuple, list[_LayerStats]] = {}
+        for layer in due:
+            by_shape.setdefault((layer.dim, layer.S.device), []).append(layer)
+        for group in by_shape.values():  # one batched Cholesky per shape
+            P = damped_inverse(torch.stack([layer.S for layer in group]), self.config.damping)
+            for layer, inverse in zip(group, P):
+                layer.P = inverse
+                if self.config.ema == 0:
+                    layer.S = None  # not needed again until the next statistics step
+
+    def _all_reduce(self) -> None:
+        layers = self.layers
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        # One bucket for every statistic and row count of the step.
+        parts = []
+        for layer in layers:
+            if layer.xtx is None:
+                layer.xtx = torch.zeros(layer.in_dim, layer.in_dim, device=layer.weight.device)
+                if layer.bias is not None:
+                    layer.xsum = torch.zeros(layer.in_dim, device=layer.weight.device)
+            parts += [layer.xtx.flatten()] + ([layer.xsum] if layer.xsum is not None else [])
+            parts.append(torch.tensor([float(layer.rows)], device=layer.xtx.device))
+        bucket = torch.cat(parts)
+        dist.all_reduce(bucket)
+        offset = 0
+        for layer in layers:
+            for tensor in [layer.xtx] + ([layer.xsum] if layer.xsum is not None else []):
+                tensor.copy_(bucket[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+            layer.rows = int(bucket[offset].item())
+            offset += 1
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held by AP state (statistics accumulators, S, P) right now."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.xtx, layer.xsum, layer.S, layer.P):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "layers": {layer.name: {"S": layer.S, "P": layer.P} for layer in self.layers},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        saved = state["layers"]
+        missing = [layer.name for layer in self.layers if layer.name not in saved]
+        if missing:
+            raise ValueError(f"AP state has no entry for layers {missing}; was it saved from another model?")
+        for layer in self.layers:
+            entry = saved[layer.name]
+            device = layer.weight.device
+            layer.S = None if entry["S"] is None else entry["S"].to(device)
+            layer.P = None if entry["P"] is None else entry["P"].to(device)

@@ -1,0 +1,59 @@
+"""The Task contract: everything the generic trainer needs to know about a problem.
+
+A task owns its data, its model family, its one-step training loss and its test-time
+(rollout / generation) metrics. The trainer owns the loop, the optimizer, EMA, checkpoints
+and records. A task never sees the optimizer; the trainer never sees task internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+class Task:
+    """Base class for tasks. Subclasses implement the five methods below.
+
+    Constructor arguments come from the Hydra ``task`` config group (``configs/task/<name>.yaml``);
+    every task receives ``seed`` and ``device`` from the top-level config.
+
+    Contract:
+      build_model() -> nn.Module           a fresh model on ``self.device``
+      train_batches() -> Iterator[batch]   an endless iterator of training batches (seeded)
+      loss(model, batch) -> scalar Tensor  the one-step training objective (model is in train mode)
+      validate(model) -> {"val/loss": float, ...}   held-out one-step loss (called in eval mode, no grad)
+      evaluate(model) -> {"test/<metric>": float, ...}  rollout / generation metrics (eval mode, no grad)
+
+    Optional:
+      state() -> dict            extra, JSON/tensor-serializable state stored in checkpoints
+                                 (e.g. normalization statistics), so a checkpoint rebuilds the policy.
+      headline_metric: str       the test metric printed at the end of a run and used as "best".
+      higher_is_better: bool     direction of ``headline_metric``.
+    """
+
+    headline_metric: str = "test/score"
+    higher_is_better: bool = True
+
+    def __init__(self, seed: int = 0, device: str = "cpu", **_: Any):
+        self.seed = int(seed)
+        self.device = torch.device(device)
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batches(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,187 @@
+"""The composed optimizer: equivalence with torch.optim, the GPs' math, state, errors, distributed."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dopr.optim import KNOWN_OPTIMIZERS, ActivationPreconditioner, AdaMuon, build_optimizer, damped_inverse, newton_schulz5, route_params
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(n=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 6, generator=g), torch.randn(32, 3, generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
+def test_ap_off_matches_torch_adamw():
+    data = batches(10)
+    ours, ref = mlp(), mlp()
+    train(ours, build_optimizer(ours, "adamw", lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99)), data)
+    train(ref, torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99)), data)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_muon_matches_reference_newton_schulz():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 10))
+    opt = build_optimizer(model, "muon", lr=0.01, momentum=0.9)
+    before = model[2].weight.detach().clone()
+    model(torch.randn(64, 4)).pow(2).sum().backward()
+    grad = model[2].weight.grad.clone()
+    assert torch.linalg.matrix_rank(grad) == 8  # full rank, so bf16 noise cannot dominate
+    opt.step()
+    # First step: momentum and Nesterov only rescale G, and Newton-Schulz normalizes scale away.
+    scale = 0.01 * 0.2 * math.sqrt(12)  # lr * Moonlight's AdamW-matching factor
+    expected = before - scale * newton_schulz5(grad, dtype=torch.float32)
+    error = (model[2].weight - expected).norm() / (expected - before).norm()
+    assert error < 0.05, error  # the iteration runs in bf16
+
+
+def test_newton_schulz_is_near_orthogonal():
+    torch.manual_seed(0)
+    G = torch.randn(12, 7)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    O = newton_schulz5(G).float()
+    sv = torch.linalg.svdvals(O)
+    assert sv.min() > 0.5 and sv.max() < 1.5
+    cos = (O * (U @ Vh)).sum() / (O.norm() * (U @ Vh).norm())
+    assert cos > 0.95
+
+
+def test_adamuon_follows_its_formula():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(5, 3))
+    opt = AdaMuon([W], lr=0.1, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.01)
+    M = torch.zeros(5, 3)
+    V = torch.zeros(5, 3)
+    W_ref = W.detach().clone()
+    for _ in range(3):
+        G = torch.randn(5, 3)
+        W.grad = G.clone()
+        opt.step()
+        M = 0.5 * M + 0.5 * G
+        O = newton_schulz5(torch.sign(M))
+        V = 0.9 * V + 0.1 * O * O
+        O_hat = O / (V.sqrt() + 1e-8)
+        W_ref = W_ref * (1 - 0.1 * 0.01) - 0.1 * 0.2 * math.sqrt(15) * O_hat / (O_hat.norm() + 1e-8)
+        torch.testing.assert_close(W.detach(), W_ref)
+
+
+def test_routing_sends_io_embeddings_and_vectors_to_adamw():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Conv1d(8, 8, 3), nn.Linear(8, 2))
+    matrix, other = route_params(model)
+    assert {id(p) for p in matrix} == {id(model[2].weight), id(model[3].weight)}
+    assert len(matrix) + len(other) == len(list(model.parameters()))
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
+    matrix, _ = route_params(emb)
+    assert [id(p) for p in matrix] == [id(emb[1].weight)]  # first Linear is hidden when an Embedding leads
+
+
+@pytest.mark.parametrize("name", [n for n in KNOWN_OPTIMIZERS])
+def test_every_optimizer_trains_and_round_trips_state(name):
+    """Save mid-training, load into a fresh model+optimizer, continue: bit-identical to uninterrupted."""
+    data = batches(12)
+    model = mlp()
+    opt = build_optimizer(model, name, lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+    first_loss = (model(data[0][0]) - data[0][1]).pow(2).mean().item()
+    for x, y in data[:6]:
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    train_rest = lambda m, o, s: [  # noqa: E731
+        (o.zero_grad(), (m(x) - y).pow(2).mean().backward(), o.step(), s.step()) for x, y in data[6:]
+    ]
+    train_rest(model, opt, sched)
+    resumed = mlp(seed=99)
+    resumed.load_state_dict(saved["model"])
+    opt2 = build_optimizer(resumed, name, lr=3e-3)
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=12)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    train_rest(resumed, opt2, sched2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    last_loss = (model(data[0][0]) - data[0][1]).pow(2).mean().item()
+    assert math.isfinite(last_loss) and last_loss < first_loss, (name, first_loss, last_loss)
+
+
+def test_lr_scheduler_reaches_inner_groups():
+    model = mlp()
+    opt = build_optimizer(model, "dopr_muon", lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert all(g["lr"] == pytest.approx(5e-3) for o in opt.optimizers for g in o.param_groups)
+    sched.step()
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("adamz", {}, "known: adamw"),
+        ("adamw", {"lr": -1.0}, "lr must be"),
+        ("adamw", {"weight_decay": -0.1}, "weight_decay"),
+        ("adamw", {"damping": 1e-3}, "only apply with activation preconditioning"),
+        ("dopr_adamw", {"damping": -1.0}, "damping"),
+        ("dopr_adamw", {"momentum": 0.9}, "unknown hyperparameters"),
+        ("signum", {"momentum": 0.0}, "momentum"),
+        ("adamw", {"adamw_lr": 1e-3}, "matrix GPs"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_optimizer(mlp(), name, **kwargs)
+
+
+def test_memory_accounting():
+    model = mlp()
+    opt = build_optimizer(model, "dopr_adamw", lr=1e-3)
+    train(model, opt, batches(2))
+    mem = opt.memory_bytes()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert mem["gp"] == 2 * 4 * n_params + 4 * 6  # exp_avg, exp_avg_sq (+ a scalar step per param tensor)
+    # AP holds per layer the z^T z (d^2) and z (d) accumulators and P of the bias-augmented input ((d+1)^2).
+    assert mem["ap"] == sum(4 * (d * d + d + (d + 1) ** 2) for d in (6, 16, 16))
+
+
+def _gloo_worker(rank, world, port, x, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    ap = ActivationPreconditioner(layer)
+    layer(x.chunk(world)[rank]).sum().backward()
+    ap.step()
+    if rank == 0:
+        torch.save(ap.layers[0].P, result_path)
+    dist.destroy_process_group()
+
+
+def test_statistics_all_reduce_over_gloo(tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(10, 4) * torch.tensor([5.0, 1.0, 0.1, 2.0])
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path / "P.pt")), nprocs=2, join=True)
+    Z = torch.cat([x, torch.ones(10, 1)], 1)
+    expected = damped_inverse((Z.T @ Z / 10)[None], 1e-3)[0]
+    torch.testing.assert_close(torch.load(tmp_path / "P.pt"), expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,229 @@
+"""AP against dense reference math, and its invariance property (the paper's Sec. 4.2)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dopr.optim import ActivationPreconditioner, APConfig, DoPr, damped_inverse
+
+
+def dense_ap(G: torch.Tensor, Z: torch.Tensor, damping: float) -> torch.Tensor:
+    """G (S + damping tr(S)/d I)^-1 with S = Z^T Z / n, by a plain float64 inverse."""
+    Z = Z.double()
+    S = Z.T @ Z / Z.shape[0]
+    d = S.shape[0]
+    return G.double() @ torch.linalg.inv(S + damping * torch.trace(S) / d * torch.eye(d, dtype=torch.float64))
+
+
+def grads_after_ap(model, x, config):
+    ap = ActivationPreconditioner(model, config)
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ap.step()
+    return raw, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bias_mode", ["augment", "gp"])
+def test_linear_matches_dense(bias_mode):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4, dtype=torch.float64)
+    x = torch.randn(3, 5, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0, 0.5], dtype=torch.float64)
+    raw, new = grads_after_ap(layer, x, APConfig(damping=1e-3, bias=bias_mode))
+    Z = x.reshape(-1, 6)
+    if bias_mode == "augment":
+        Z = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype)], 1)
+        M = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-3)
+        torch.testing.assert_close(new["weight"], M[:, :6])
+        torch.testing.assert_close(new["bias"], M[:, 6])
+    else:
+        torch.testing.assert_close(new["weight"], dense_ap(raw["weight"], Z, 1e-3))
+        torch.testing.assert_close(new["bias"], raw["bias"])  # left to the plain GP
+
+
+def conv_patches(x, kernel, stride, padding, dilation):
+    """Independent patch extraction with explicit loops (rows ordered (c, kh, kw), like weight.view(out, -1))."""
+    x = nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    N, C, H, W = x.shape
+    kh, kw = kernel
+    rows = []
+    for n in range(N):
+        for i in range(0, H - dilation[0] * (kh - 1), stride[0]):
+            for j in range(0, W - dilation[1] * (kw - 1), stride[1]):
+                patch = x[n, :, i : i + dilation[0] * (kh - 1) + 1 : dilation[0], j : j + dilation[1] * (kw - 1) + 1 : dilation[1]]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+def test_conv2d_matches_dense():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), dtype=torch.float64)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    raw, new = grads_after_ap(conv, x, APConfig(damping=1e-2, bias="augment"))
+    Z = conv_patches(x, (3, 2), (2, 1), (1, 1), (1, 2))
+    Z = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype)], 1)
+    G = torch.cat([raw["weight"].reshape(4, -1), raw["bias"][:, None]], 1)
+    M = dense_ap(G, Z, 1e-2)
+    torch.testing.assert_close(new["weight"], M[:, :-1].reshape(conv.weight.shape))
+    torch.testing.assert_close(new["bias"], M[:, -1])
+
+
+def test_conv1d_same_padding_matches_dense():
+    torch.manual_seed(2)
+    conv = nn.Conv1d(2, 3, kernel_size=4, padding="same", bias=False, dtype=torch.float64)
+    x = torch.randn(3, 2, 9, dtype=torch.float64)
+    raw, new = grads_after_ap(conv, x, APConfig(damping=1e-3))
+    xp = nn.functional.pad(x, (1, 2))  # 'same' for k=4: 1 left, 2 right
+    Z = torch.stack([xp[n, :, t : t + 4].reshape(-1) for n in range(3) for t in range(9)])
+    torch.testing.assert_close(new["weight"], dense_ap(raw["weight"].reshape(3, -1), Z, 1e-3).reshape(conv.weight.shape))
+
+
+def test_identity_statistics_leave_gradient_unchanged():
+    d = 5
+    layer = nn.Linear(d, 3, bias=False, dtype=torch.float64)
+    x = math.sqrt(d) * torch.eye(d, dtype=torch.float64)  # S = x^T x / n = I exactly
+    raw, new = grads_after_ap(layer, x, APConfig(damping=0.0))
+    torch.testing.assert_close(new["weight"], raw["weight"])
+
+
+def _two_layer(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def _sgd_trajectory(model, x, y, use_ap, steps=5, lr=0.05):
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = DoPr(inner, ActivationPreconditioner(model, APConfig(damping=0.0)) if use_ap else None)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("use_ap", [True, False])
+def test_invariance_to_input_reparametrization(use_ap):
+    """z -> T z with W -> W T^-1 is the same function; AP's step keeps it the same, plain SGD does not."""
+    torch.manual_seed(3)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    T = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.2, 0.5, 0.0], [0.0, 0.0, 1.0, 2.0], [1.0, 0.0, 0.0, 0.5]], dtype=torch.float64)
+    base, reparam = _two_layer(0), _two_layer(0)
+    with torch.no_grad():
+        reparam[0].weight.copy_(base[0].weight @ torch.linalg.inv(T))
+    torch.testing.assert_close(reparam(x @ T.T), base(x))  # same function before training
+    _sgd_trajectory(base, x, y, use_ap)
+    _sgd_trajectory(reparam, x @ T.T, y, use_ap)
+    gap = (reparam(x @ T.T) - base(x)).abs().max().item()
+    if use_ap:
+        assert gap < 1e-8, gap
+    else:
+        assert gap > 1e-3, gap
+
+
+def test_eval_and_no_grad_passes_do_not_touch_statistics():
+    torch.manual_seed(4)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    runs = []
+    for interleave in (False, True):
+        model = _two_layer(0).float()
+        opt = DoPr(torch.optim.Adam(model.parameters(), lr=1e-2), ActivationPreconditioner(model))
+        for _ in range(5):
+            if interleave:
+                model.eval()
+                model(torch.randn(7, 4) * 100)  # an "evaluation" pass
+                model.train()
+                with torch.no_grad():
+                    model(torch.randn(9, 4) * 100)  # a "rollout" in train mode without grad
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_sums_statistics():
+    torch.manual_seed(5)
+    x = torch.randn(16, 4)
+    full, micro = nn.Linear(4, 3), nn.Linear(4, 3)
+    micro.load_state_dict(full.state_dict())
+    ap_full, ap_micro = ActivationPreconditioner(full), ActivationPreconditioner(micro)
+    full(x).pow(2).mean().backward()
+    for chunk in x.split(8):
+        (micro(chunk).pow(2).mean() / 2).backward()
+    ap_full.step()
+    ap_micro.step()
+    torch.testing.assert_close(micro.weight.grad, full.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(micro.bias.grad, full.bias.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "rank1", "huge"])
+def test_degenerate_activations_give_finite_steps(kind):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = {"zeros": torch.zeros(8, 5), "rank1": torch.randn(1, 5).repeat(8, 1), "huge": torch.randn(8, 5) * 1e18}[kind]
+    opt = DoPr(torch.optim.SGD(model.parameters(), lr=1e-3), ActivationPreconditioner(model, APConfig(damping=0.0)))
+    opt.zero_grad()
+    (model(x) - 1).pow(2).mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_damped_inverse_fallbacks_are_finite():
+    S = torch.stack([torch.zeros(3, 3), torch.full((3, 3), float("nan")), torch.ones(3, 3), torch.eye(3) * 4])
+    P = damped_inverse(S, damping=0.0)
+    assert torch.isfinite(P).all()
+    torch.testing.assert_close(P[0], torch.eye(3))  # zero statistics: identity
+    torch.testing.assert_close(P[3], torch.eye(3) / 4)  # exact inverse when well posed
+
+
+def test_options_ema_interval_subsample_warmup_exclude():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    cfg = APConfig(ema=0.9, stat_interval=2, inverse_interval=3, max_rows=10, warmup_steps=2, exclude=("2",))
+    ap = ActivationPreconditioner(model, cfg)
+    assert [layer.name for layer in ap.layers] == ["0"]
+    for step in range(6):
+        model.zero_grad()
+        model(torch.randn(40, 4)).sum().backward()
+        raw = model[0].weight.grad.clone()
+        ap.step()
+        if step < 2:
+            assert torch.equal(model[0].weight.grad, raw)  # warmup: plain gradient
+        else:
+            assert not torch.equal(model[0].weight.grad, raw)
+    assert ap.layers[0].S is not None and ap.memory_bytes() > 0
+
+
+def test_bad_config_raises():
+    for bad in (dict(damping=-1), dict(ema=1.0), dict(stat_interval=0), dict(bias="nope"), dict(max_rows=0)):
+        with pytest.raises(ValueError):
+            APConfig(**bad)
+
+
+def test_lora_adapters_are_preconditioned():
+    peft = pytest.importorskip("peft")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False))
+    ap = ActivationPreconditioner(model)
+    names = sorted(layer.name for layer in ap.layers)
+    assert len(names) == 2 and all("lora_A" in n or "lora_B" in n for n in names)  # frozen base layer skipped
+    x = torch.randn(10, 6)
+    model(x).pow(2).sum().backward()
+    lora_a = next(layer for layer in ap.layers if "lora_A" in layer.name)
+    raw = lora_a.weight.grad.clone()
+    ap.step()
+    torch.testing.assert_close(lora_a.weight.grad, dense_ap(raw, x, 1e-3).float(), rtol=1e-4, atol=1e-5)
+    copy.deepcopy(ap.state_dict())
