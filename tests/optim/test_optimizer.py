@@ -44,15 +44,15 @@ def test_muon_matches_reference_newton_schulz():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 10))
     opt = build_optimizer(model, "muon", lr=0.01, momentum=0.9)
     before = model[2].weight.detach().clone()
-    model(torch.randn(64, 4)).pow(2).sum().backward()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)  # a well-conditioned gradient, so 5 bf16 iterations converge
     grad = model[2].weight.grad.clone()
-    assert torch.linalg.matrix_rank(grad) == 8  # full rank, so bf16 noise cannot dominate
     opt.step()
     # First step: momentum and Nesterov only rescale G, and Newton-Schulz normalizes scale away.
     scale = 0.01 * 0.2 * math.sqrt(12)  # lr * Moonlight's AdamW-matching factor
     expected = before - scale * newton_schulz5(grad, dtype=torch.float32)
     error = (model[2].weight - expected).norm() / (expected - before).norm()
-    assert error < 0.05, error  # the iteration runs in bf16
+    assert error < 0.05, error  # the library iterates in bf16, the reference in fp32
 
 
 def test_newton_schulz_is_near_orthogonal():
