@@ -1,5 +1,5 @@
 """DoPr optimizer library: activation preconditioning (AP) composed with any gradient
-preconditioner (GP). Depends on torch (and pytorch-optimizer for Muon and Signum), nothing else.
+preconditioner (GP). Depends on torch (and pytorch-optimizer for Signum), nothing else.
 
     from dopr.optim import build_optimizer
     opt = build_optimizer(model, "dopr_adamw", lr=1e-3)      # or adamw, muon, dopr_muon, ...
@@ -11,7 +11,7 @@ or wrap your own optimizer:
 
 from dopr.optim.build import KNOWN_OPTIMIZERS, build_optimizer
 from dopr.optim.dopr import DoPr
-from dopr.optim.gp import AdaMuon, newton_schulz5, route_params
+from dopr.optim.gp import AdaMuon, Muon, newton_schulz5, route_params
 from dopr.optim.preconditioner import ActivationPreconditioner, APConfig, damped_inverse
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "AdaMuon",
     "DoPr",
     "KNOWN_OPTIMIZERS",
+    "Muon",
     "build_optimizer",
     "damped_inverse",
     "newton_schulz5",

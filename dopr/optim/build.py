@@ -7,7 +7,7 @@ import inspect
 from torch import nn
 
 from dopr.optim.dopr import DoPr
-from dopr.optim.gp import AdaMuon, route_params
+from dopr.optim.gp import AdaMuon, Muon, route_params
 from dopr.optim.preconditioner import ActivationPreconditioner, APConfig
 
 GP_NAMES = ("adamw", "muon", "signum", "adamuon")
@@ -41,19 +41,13 @@ def _signum(params, lr, weight_decay, momentum=0.9):
     return SignSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, weight_decouple=True)
 
 
-def _muon(params, lr, weight_decay, momentum=0.95, nesterov=True, ns_steps=5):
-    from pytorch_optimizer import Muon
-
-    if not 0 <= momentum < 1:
-        raise ValueError(f"muon: momentum must be in [0, 1), got {momentum}")
-    # use_adjusted_lr: Moonlight's 0.2*sqrt(max(m, n)) scaling matches AdamW's update RMS, so one lr serves both.
-    group = dict(params=params, use_muon=True, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                 nesterov=nesterov, ns_steps=ns_steps, use_adjusted_lr=True)
-    return Muon([group])
+def _muon(params, lr, weight_decay, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype="auto"):
+    return Muon(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                ns_dtype=ns_dtype)
 
 
-def _adamuon(params, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, ns_steps=5):
-    return AdaMuon(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ns_steps=ns_steps)
+def _adamuon(params, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, ns_steps=5, ns_dtype="auto"):
+    return AdaMuon(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 
 _FACTORIES = {"adamw": _adamw, "signum": _signum, "muon": _muon, "adamuon": _adamuon}

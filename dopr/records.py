@@ -1,0 +1,143 @@
+"""Run records: ``metrics.jsonl`` (one line per evaluation point) and ``summary.json`` in the run
+directory, and the same dicts to W&B (offline unless asked). Aggregation and notebooks read the
+files, so nothing depends on a W&B account."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "numpy", "pytorch-optimizer", "hydra-core", "wandb", "gymnasium", "mujoco", "robosuite",
+            "minari", "transformers", "peft", "h5py", "scikit-learn")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_revision() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+        return {"sha": sha, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+def _clean(value: Any) -> Any:
+    """NaN becomes null; inf stays (Python's json writes and reads it as Infinity), since a diverged
+    rollout's infinite cost is a result, not a missing value."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class RunRecorder:
+    """Appends evaluation records and keeps ``summary.json`` current (rewritten atomically)."""
+
+    def __init__(self, run_dir: Path, config: dict, headline: str, higher_is_better: bool,
+                 logger: dict | None = None, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self.config = config
+        self.headline = headline
+        self.higher_is_better = higher_is_better
+        self.records: list[dict] = []
+        self.provenance = {"git": git_revision(), "versions": package_versions()}
+        if resume_step is not None and self.metrics_path.exists():
+            # Keep what the checkpoint covers; lines written after it are re-earned by the resumed run.
+            kept = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self.wandb = self._init_wandb(logger or {"name": "none"}, resume=resume_step is not None)
+
+    def _init_wandb(self, logger: dict, resume: bool):
+        if logger.get("name", "none") == "none":
+            return None
+        import wandb
+
+        run_id_file = self.run_dir / "wandb_id.txt"
+        run_id = run_id_file.read_text().strip() if (resume and run_id_file.exists()) else secrets.token_hex(4)
+        atomic_write_text(run_id_file, run_id)
+        return wandb.init(
+            project=logger.get("project", "dopr"),
+            entity=logger.get("entity"),
+            mode=logger.get("mode", "offline"),
+            dir=str(self.run_dir),
+            config=self.config,
+            name=logger.get("run_name") or self.run_dir.name,
+            group=logger.get("group"),
+            tags=list(logger.get("tags") or []),
+            id=run_id,
+            resume="allow",
+        )
+
+    def log(self, record: dict) -> None:
+        record = {k: _clean(v) for k, v in record.items()}
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        self.write_summary(status="running")
+
+    def best(self) -> dict | None:
+        scored = [r for r in self.records if r.get(self.headline) is not None]
+        if not scored:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(scored, key=lambda r: r[self.headline])
+
+    def write_summary(self, status: str, extra: dict | None = None) -> dict:
+        summary = {
+            "status": status,
+            "headline_metric": self.headline,
+            "higher_is_better": self.higher_is_better,
+            "last": self.records[-1] if self.records else None,
+            "best": self.best(),
+            "config": self.config,
+            **self.provenance,
+            **(extra or {}),
+        }
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def finish(self, extra: dict | None = None) -> dict:
+        summary = self.write_summary(status="finished", extra=extra)
+        if self.wandb is not None:
+            for key, value in (summary["last"] or {}).items():
+                self.wandb.summary[f"last/{key}"] = value
+            self.wandb.finish()
+        return summary

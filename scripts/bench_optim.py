@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Per-step wall time of each DoPr variant against its base GP, as a ratio measured in one process.
+
+Every optimizer trains its own copy of the same model on the same batch; repetitions are
+interleaved (the order shuffled each round), so drift in machine load hits base and DoPr alike.
+A step is forward + backward + optimizer step. Reports the median step time, the ratio of medians,
+the worst DoPr step against the base median, and the extra optimizer-state bytes AP holds.
+
+    python scripts/bench_optim.py                       # residual-MLP BC policy on CPU
+    python scripts/bench_optim.py --device cuda         # adds a GPT-style block stack (bf16 autocast)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dopr.models.residual_mlp import ResidualMLP
+from dopr.optim import build_optimizer
+
+PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]
+CHEAP = dict(inverse_interval=10, max_rows=1024)  # refresh P every 10 steps (staggered), sub-sample rows
+
+
+def mlp_workload(device: str):
+    """The Gymnasium behavior-cloning policy: Humanoid-v5 sizes (obs 348, act 17), batch 256."""
+    torch.manual_seed(0)
+    model = ResidualMLP(348, 17, width=256, depth=3, expansion=2).to(device)
+    x, y = torch.randn(256, 348, device=device), torch.randn(256, 17, device=device)
+    return model, lambda m: (m(x) - y).pow(2).mean(), "residual MLP 348->256x3->17, batch 256"
+
+
+def gpt_workload(device: str, d_model: int, layers: int, seq: int, batch: int):
+    """A GPT-style stack of pre-norm transformer blocks (no embedding), bf16 autocast."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+            self.heads = d // 64
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.n1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.down(nn.functional.gelu(self.up(self.n2(x))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(d_model) for _ in range(layers)], nn.LayerNorm(d_model), nn.Linear(d_model, d_model)).to(device)
+    x = torch.randn(batch, seq, d_model, device=device)
+
+    def loss(m):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            return m(x).float().pow(2).mean()
+
+    return model, loss, f"GPT blocks d={d_model} x{layers}, seq {seq}, batch {batch}, bf16 autocast"
+
+
+def bench(workload, names: list[tuple[str, dict]], device: str, rounds: int, steps: int, warmup: int) -> dict:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    runs = {}
+    for label, (name, extra) in names:
+        model, loss_fn, desc = workload()
+        opt = build_optimizer(model, name, lr=1e-4, **extra)
+        runs[label] = dict(model=model, loss=loss_fn, opt=opt, times=[])
+    for run in runs.values():  # warm caches, allocate state, compute first inverses
+        for _ in range(warmup):
+            _step(run)
+    sync()
+    order = list(runs)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for label in order:
+            run = runs[label]
+            for _ in range(steps):
+                sync()
+                t = time.perf_counter()
+                _step(run)
+                sync()
+                run["times"].append(time.perf_counter() - t)
+    return {label: dict(times=r["times"], memory=r["opt"].memory_bytes()) for label, r in runs.items()} | {"_desc": desc}
+
+
+def _step(run):
+    run["opt"].zero_grad(set_to_none=True)
+    run["loss"](run["model"]).backward()
+    run["opt"].step()
+
+
+def table(results: dict, pairs: list[tuple[str, str]]) -> list[dict]:
+    rows = []
+    for base, dopr in pairs:
+        tb, td = results[base]["times"], results[dopr]["times"]
+        mb, md = statistics.median(tb), statistics.median(td)
+        rows.append(dict(base=base, dopr=dopr, base_ms=1e3 * mb, dopr_ms=1e3 * md, ratio=md / mb,
+                         worst_ratio=max(td) / mb, base_state_mb=results[base]["memory"]["gp"] / 2**20,
+                         ap_extra_mb=results[dopr]["memory"]["ap"] / 2**20))
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    out = [f"**{title}**", "", "| DoPr variant | base | base ms/step | DoPr ms/step | ratio (median) | worst step / base median | base GP state MB | AP extra MB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['dopr']} | {r['base']} | {r['base_ms']:.2f} | {r['dopr_ms']:.2f} | {r['ratio']:.3f} | "
+                   f"{r['worst_ratio']:.2f} | {r['base_state_mb']:.2f} | {r['ap_extra_mb']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--gpt", default="768,12,1024,8", help="d_model,layers,seq,batch for --device cuda")
+    parser.add_argument("--out", type=Path, default=None, help="write the tables (markdown) and raw numbers (json) here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if args.device.startswith("cuda"):
+        machine += f", {torch.cuda.get_device_name()}"
+    names = [(n, (n, {})) for pair in PAIRS for n in pair]
+    names += [(f"{d}+cheap", (d, CHEAP)) for _, d in PAIRS]
+    pairs = PAIRS + [(b, f"{d}+cheap") for b, d in PAIRS]
+    workloads = [lambda: mlp_workload(args.device)]
+    if args.device.startswith("cuda"):
+        d, n, s, b = (int(v) for v in args.gpt.split(","))
+        workloads.append(lambda: gpt_workload(args.device, d, n, s, b))
+    report, raw = [f"Machine: {machine}. Cheap settings: {CHEAP}.", ""], {}
+    for workload in workloads:
+        results = bench(workload, names, args.device, args.rounds, args.steps, args.warmup)
+        rows = table(results, pairs)
+        text = markdown(rows, results["_desc"])
+        print(text + "\n", flush=True)
+        report += [text, ""]
+        raw[results["_desc"]] = rows
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"bench_{args.device}.md").write_text("\n".join(report))
+        (args.out / f"bench_{args.device}.json").write_text(json.dumps({"machine": machine, "results": raw}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
