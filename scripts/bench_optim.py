@@ -27,7 +27,7 @@ from dopr.models.residual_mlp import ResidualMLP
 from dopr.optim import build_optimizer
 
 PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]
-CHEAP = dict(inverse_interval=10, max_rows=1024)  # refresh P every 10 steps (staggered), sub-sample rows
+CHEAP = dict(stat_interval=10, inverse_interval=10, max_rows=1024)  # statistics and P every 10 steps (staggered), sub-sampled rows
 
 
 def mlp_workload(device: str):

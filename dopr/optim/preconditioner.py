@@ -168,24 +168,26 @@ def damped_inverse(S: torch.Tensor, damping: float) -> torch.Tensor:
     d = S.shape[-1]
     eye = torch.eye(d, device=S.device, dtype=S.dtype)
     scale = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d  # mean eigenvalue, (B,)
-    usable = torch.isfinite(S).all(dim=(-2, -1)) & torch.isfinite(scale) & (scale > 0)
-    scale = torch.where(usable, scale, torch.ones_like(scale))
-    S = torch.where(usable[:, None, None], S, eye)
-    P = torch.empty_like(S)
-    todo = torch.ones_like(usable)
-    for factor in (1.0, 10.0, 100.0, 1000.0):
-        lam = max(damping * factor, 1e-6 if factor > 1 else damping)
-        L, info = torch.linalg.cholesky_ex(S + (lam * scale)[:, None, None] * eye)
-        factored = (info == 0) & torch.isfinite(L).all(dim=(-2, -1))
-        inv = torch.cholesky_inverse(torch.where(factored[:, None, None], L, eye))  # failed ones are discarded
-        ok = todo & factored & torch.isfinite(inv).all(dim=(-2, -1))
-        P = torch.where(ok[:, None, None], inv, P)
-        todo = todo & ~ok
-        if not todo.any():
-            break
-    fallback = eye / scale[:, None, None]
-    P = torch.where(todo[:, None, None], fallback, P)
-    return torch.where(usable[:, None, None], P, eye.expand_as(P))
+    L, info = torch.linalg.cholesky_ex(S + (damping * scale)[:, None, None] * eye)
+    # One batched check on the common path; the per-matrix fallbacks below are rare.
+    if bool(((info == 0) & torch.isfinite(scale) & (scale > 0)).all()):
+        P = torch.cholesky_inverse(L)
+        if bool(torch.isfinite(P).all()):
+            return P
+    return torch.stack([_robust_inverse(S_i, damping, eye) for S_i in S])
+
+
+def _robust_inverse(S: torch.Tensor, damping: float, eye: torch.Tensor) -> torch.Tensor:
+    scale = torch.trace(S) / S.shape[0]
+    if not (torch.isfinite(S).all() and torch.isfinite(scale) and scale > 0):
+        return eye.clone()
+    for lam in (damping, max(10 * damping, 1e-6), max(100 * damping, 1e-5), max(1000 * damping, 1e-4)):
+        L, info = torch.linalg.cholesky_ex(S + lam * scale * eye)
+        if info == 0 and torch.isfinite(L).all():
+            P = torch.cholesky_inverse(L)
+            if torch.isfinite(P).all():
+                return P
+    return eye / scale
 
 
 class ActivationPreconditioner:
