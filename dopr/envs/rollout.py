@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +23,7 @@ class EpisodeResult:
     seed: int
     success: bool
     length: int
+    final_obs: dict = field(default_factory=dict, repr=False)  # the last observation (policy keys)
 
 
 def _execute_chunk(env: RobosuiteEnv, actions: np.ndarray, keep_last: int):
@@ -173,7 +174,7 @@ class EnvPool:
                 state["steps"] += steps
                 state["history"].extend(_select(o, obs_keys) for o in seen)
                 if success or state["steps"] >= max_steps:
-                    results.append(EpisodeResult(state["seed"], bool(success), state["steps"]))
+                    results.append(EpisodeResult(state["seed"], bool(success), state["steps"], state["history"][-1]))
                     del active[index]
                     if pending:
                         start(index)

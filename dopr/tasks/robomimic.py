@@ -299,7 +299,7 @@ def policy_from_checkpoint(path: str, use_ema: bool = True, device: str = "cpu")
 
     The env comes from ``task_state['env_args']`` (``dopr.envs.rollout.EnvPool(task_state['env_args'])``).
     """
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
     state = checkpoint["task_state"]
     model = build_policy(state["policy_spec"]).to(device)
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
