@@ -171,6 +171,10 @@ def test_task_trains_validates_and_evaluates(random_hopper):
     assert set(metrics) == {"test/return", "test/return_std", "test/normalized_return",
                             "test/episode_length", "test/state_shift", "test/state_mean_shift"}
     assert np.isfinite(val["val/loss"]) and all(np.isfinite(v) for v in metrics.values())
+    # The train-set loss of the evaluated model is the fixed-batch loss averaged over all train pairs.
+    model.eval()
+    whole = task.loss(model, (torch.as_tensor(task.train_obs), torch.as_tensor(task.train_act))).item()
+    assert val["val/train_set_loss"] == pytest.approx(whole, rel=1e-4)
     assert metrics["test/normalized_return"] == pytest.approx(metrics["test/return"] / task.demo_return)
     assert metrics["test/episode_length"] >= 1
     json.dumps(task.state())

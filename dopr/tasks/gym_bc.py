@@ -118,14 +118,21 @@ class GymBCTask(Task):
         return ((model(obs) - act) ** 2).sum(-1).mean()
 
     @torch.no_grad()
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        total, count = 0.0, 0
-        for start in range(0, len(self.val_obs), self.val_batch_size):
-            obs = torch.as_tensor(self.val_obs[start:start + self.val_batch_size], device=self.device)
-            act = torch.as_tensor(self.val_act[start:start + self.val_batch_size], device=self.device)
+    def _mean_loss(self, model: nn.Module, obs_all: np.ndarray, act_all: np.ndarray) -> float:
+        total = 0.0
+        for start in range(0, len(obs_all), self.val_batch_size):
+            obs = torch.as_tensor(obs_all[start:start + self.val_batch_size], device=self.device)
+            act = torch.as_tensor(act_all[start:start + self.val_batch_size], device=self.device)
             total += float(((model(obs) - act) ** 2).sum())
-            count += len(obs)
-        return {"val/loss": total / count}
+        return total / len(obs_all)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """val/loss on held-out episodes, and val/train_set_loss: the same loss of the evaluated
+        (e.g. EMA) model on the whole training set, i.e. the terminal train loss of the policy
+        that is rolled out (train/loss in the records averages the raw model's minibatch losses)."""
+        return {"val/loss": self._mean_loss(model, self.val_obs, self.val_act),
+                "val/train_set_loss": self._mean_loss(model, self.train_obs, self.train_act)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
