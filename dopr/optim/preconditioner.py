@@ -190,6 +190,12 @@ def _robust_inverse(S: torch.Tensor, damping: float, eye: torch.Tensor) -> torch
     return eye / scale
 
 
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class ActivationPreconditioner:
     """Hooks a model's Linear / Conv1d / Conv2d layers and rewrites their gradients to G P.
 
@@ -268,19 +274,32 @@ class ActivationPreconditioner:
             for layer in self.layers
             if layer.S is not None and (layer.P is None or (self.steps + layer.index) % k == 0)
         ]
+        world, rank = _world()
+        # Under torch.distributed each layer's inverse is computed by one owner rank and broadcast.
+        owned = [layer for layer in due if layer.index % world == rank]
         by_shape: dict[tuple, list[_LayerStats]] = {}
-        for layer in due:
+        for layer in owned:
             by_shape.setdefault((layer.dim, layer.S.device), []).append(layer)
         for group in by_shape.values():  # one batched Cholesky per shape
             P = damped_inverse(torch.stack([layer.S for layer in group]), self.config.damping)
             for layer, inverse in zip(group, P):
                 layer.P = inverse
-                if self.config.ema == 0:
-                    layer.S = None  # not needed again until the next statistics step
+        if world > 1:
+            pending = []
+            for layer in due:
+                if layer.index % world != rank:
+                    dtype = torch.promote_types(layer.S.dtype, torch.float32)
+                    layer.P = torch.empty(layer.dim, layer.dim, device=layer.S.device, dtype=dtype)
+                pending.append(dist.broadcast(layer.P, src=layer.index % world, async_op=True))
+            for handle in pending:
+                handle.wait()
+        if self.config.ema == 0:
+            for layer in due:
+                layer.S = None  # not needed again until the next statistics step
 
     def _all_reduce(self) -> None:
         layers = self.layers
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if _world()[0] == 1:
             return
         # One bucket for every statistic and row count of the step.
         parts = []

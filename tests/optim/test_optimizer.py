@@ -183,24 +183,35 @@ def test_memory_accounting():
     assert mem["ap"] == sum(4 * (d * d + d + (d + 1) ** 2) for d in (6, 16, 16))
 
 
-def _gloo_worker(rank, world, port, x, result_path):
+def _gloo_worker(rank, world, port, x, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    layer = nn.Linear(4, 3)
-    ap = ActivationPreconditioner(layer)
-    layer(x.chunk(world)[rank]).sum().backward()
-    ap.step()
-    if rank == 0:
-        torch.save(ap.layers[0].P, result_path)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(model, "dopr_adamw", lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        ddp(x.chunk(world)[rank]).pow(2).sum().backward()
+        opt.step()
+    torch.save({"P": [layer.P for layer in opt.preconditioner.layers], "params": list(model.parameters())},
+               os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_statistics_all_reduce_over_gloo(tmp_path):
+def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path):
+    """2 processes, half the batch each: every rank ends with the full batch's inverses (3 layers, so
+    both ranks own some) and identical parameters."""
     torch.manual_seed(1)
     x = torch.randn(10, 4) * torch.tensor([5.0, 1.0, 0.1, 2.0])
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path / "P.pt")), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for a, b in zip(r0["P"], r1["P"]):
+        assert torch.equal(a, b)  # each inverse was computed once, by its owner, and broadcast
+    for a, b in zip(r0["params"], r1["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # gloo's gradient sums may differ by an ulp
+    # Reference for the first layer: its input is x itself (same on every step).
     Z = torch.cat([x, torch.ones(10, 1)], 1)
     expected = damped_inverse((Z.T @ Z / 10)[None], 1e-3)[0]
-    torch.testing.assert_close(torch.load(tmp_path / "P.pt"), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r0["P"][0], expected, rtol=1e-4, atol=1e-4)
