@@ -141,10 +141,24 @@ def test_image_demos_render_uint8_cameras(tmp_path):
     except RuntimeError as exc:
         pytest.skip(str(exc))
     path = str(tmp_path / "img.hdf5")
-    generate_demos("Lift", 1, path, seed=0, camera_names=["agentview"], image_size=32, valid_fraction=0.0, log=None)
-    (episode,) = load_episodes(path, ["agentview_image", "object"])
+    generate_demos("Lift", 2, path, seed=0, camera_names=["agentview"], image_size=32, valid_fraction=0.5, log=None)
+    (episode,) = load_episodes(path, ["agentview_image", "object"], filter_key="train")
     assert episode.obs["agentview_image"].shape == (len(episode), 32, 32, 3)
     assert episode.obs["agentview_image"].dtype == np.uint8 and episode.obs["agentview_image"].std() > 5
+
+    # the image policy trains on it: one camera through the ResNet encoder, plus low-dim keys
+    from dopr.tasks.robomimic import RobomimicTask
+
+    task = RobomimicTask(env_name="Lift", dataset=path, obs="image", image_keys=["agentview_image"],
+                         crop_size=28, image_base_width=8, unet_channels=[16, 32], time_embed_dim=16, batch_size=8)
+    model = task.build_model()
+    loss = task.loss(model, next(task.train_batches()))
+    loss.backward()
+    encoder_grad = next(model.obs_encoder.image_encoders["agentview_image"].parameters()).grad
+    assert torch.isfinite(loss) and encoder_grad is not None and encoder_grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert np.isfinite(task.validate(model)["val/loss"])
 
 
 # ----- reader: other people's files and broken files -----
