@@ -85,7 +85,8 @@ def paired_table(last: pd.DataFrame, group: str, metrics: dict, pairs: list[str]
         for column in ["val/loss"] + [c for cols in metrics.values() for _, c in cols]:
             diff = a.loc[seeds, column].to_numpy(dtype=float) - b.loc[seeds, column].to_numpy(dtype=float)
             mean, half = mean_ci(diff)
-            p_value = float(stats.ttest_1samp(diff, 0.0).pvalue) if np.std(diff) > 0 else math.nan
+            spread = np.std(diff) > 1e-9 * max(1.0, float(np.abs(diff).max()))  # else the t-test is undefined
+            p_value = float(stats.ttest_1samp(diff, 0.0).pvalue) if spread else math.nan
             rel = mean / float(b.loc[seeds, column].mean())
             rows.append({"pair": f"{treated} - {base}", "key": column, "diff": mean, "ci95": half,
                          "relative": rel, "p": p_value, "seeds": len(seeds)})
@@ -123,7 +124,10 @@ def plot(last: pd.DataFrame, group: str, metrics: dict, floor: dict, title: str,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
-    for ax, (metric, cols) in zip(axes[0], sorted(metrics.items())):
+    priority = ("swd", "fid", "acc", "nll")
+    panels = sorted(metrics.items(), key=lambda item: (
+        priority.index(item[0].split("_")[0]) if item[0].split("_")[0] in priority else len(priority), item[0]))
+    for ax, (metric, cols) in zip(axes[0], panels):
         steps = [k for k, _ in cols]
         for opt in ordered(last[group]):
             runs = last[last[group] == opt]
