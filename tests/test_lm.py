@@ -305,7 +305,7 @@ def test_missing_model_or_dataset_says_how_to_fetch(tiny_fixture, tmp_path):
         sft_task(tiny_fixture, dataset=str(tmp_path / "missing.jsonl"))
     empty_model_dir = tmp_path / "not-a-model"
     empty_model_dir.mkdir()
-    with pytest.raises(RuntimeError, match="huggingface-cli download"):
+    with pytest.raises(RuntimeError, match="hf download"):
         LLMSFTTask(model=str(empty_model_dir), dataset=tiny_fixture["dataset"], eval_dataset=None,
                    n_val=2, n_test=2)
     bad = tmp_path / "bad.jsonl"

@@ -61,7 +61,7 @@ def load_rows(dataset: str, config_name: str | None, split: str, limit: int | No
     except Exception as err:  # the Hub client raises many types; all mean "not available here"
         raise RuntimeError(
             f"could not load dataset {dataset!r} (config {config_name!r}, split {split!r}): {err}\n"
-            f"Offline? Fetch it once with network access, e.g. `huggingface-cli download --repo-type dataset "
+            f"Offline? Fetch it once with network access, e.g. `hf download --repo-type dataset "
             f"{dataset}`, or export it to JSON lines and pass task.dataset=/path/to/file.jsonl") from err
 
 
@@ -99,7 +99,8 @@ class LLMSFTTask(Task):
             raise ValueError("batch_size, eval_batch_size, max_seq_len, max_new_tokens and n_val must be >= 1")
 
         self.tokenizer = self._load_tokenizer()
-        limit = None if max_train_examples is None else int(max_train_examples) + int(n_val)
+        held_out = int(n_val) + (0 if eval_dataset else int(n_test))
+        limit = None if max_train_examples is None else int(max_train_examples) + held_out
         examples = load_examples(dataset, dataset_config, train_split, limit)
         random.Random(self.seed).shuffle(examples)
         if eval_dataset:
@@ -131,8 +132,8 @@ class LLMSFTTask(Task):
 
     def _fetch_hint(self, what: str, err: Exception) -> str:
         return (f"could not load the {what} of {self.model_name!r}: {err}\n"
-                f"Offline? Fetch it once with network access (`huggingface-cli download {self.model_name}`; "
-                f"gated models need `huggingface-cli login`), or pass a local directory as task.model=/path")
+                f"Offline? Fetch it once with network access (`hf download {self.model_name}`; "
+                f"gated models need `hf auth login` first), or pass a local directory as task.model=/path")
 
     def build_model(self) -> nn.Module:
         from peft import LoraConfig, get_peft_model
