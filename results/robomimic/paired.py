@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Paired DoPr-minus-base differences per seed (same seed = same init, data order and eval scenes).
+
+    python results/robomimic/paired.py results/robomimic/runs.csv > results/robomimic/paired.md
+
+Reads the runs.csv written by scripts/aggregate.py; uses each run's last evaluation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon")]
+METRICS = ["val/loss", "val/action_mse", "test/success_rate", "test/success_rate_k1"]
+
+
+def main(path: str) -> None:
+    runs = pd.read_csv(path)
+    last = runs.sort_values("step").groupby(["opt.name", "seed"]).tail(1).set_index(["opt.name", "seed"])
+    print("| base -> DoPr | metric | seeds | mean diff (DoPr - base) | 95% CI | DoPr better in |")
+    print("|---|---|---|---|---|---|")
+    for base, dopr in PAIRS:
+        for metric in METRICS:
+            if metric not in last.columns:
+                continue
+            seeds = sorted(set(last.loc[base].index) & set(last.loc[dopr].index))
+            if not seeds:
+                continue
+            diff = np.array([last.loc[(dopr, s), metric] - last.loc[(base, s), metric] for s in seeds], dtype=float)
+            mean = diff.mean()
+            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            better = (diff < 0) if metric.startswith("val/") else (diff > 0)
+            print(f"| {base} -> {dopr} | {metric} | {len(diff)} | {mean:+.4g} | [{mean - half:+.4g}, {mean + half:+.4g}] "
+                  f"| {int(better.sum())}/{len(diff)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
