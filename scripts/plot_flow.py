@@ -123,7 +123,10 @@ def plot(last: pd.DataFrame, group: str, metrics: dict, floor: dict, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    cols = min(2, len(metrics)) if len(metrics) > 2 else len(metrics)
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    axes = [list(axes.ravel())]
     priority = ("swd", "fid", "acc", "nll")
     panels = sorted(metrics.items(), key=lambda item: (
         priority.index(item[0].split("_")[0]) if item[0].split("_")[0] in priority else len(priority), item[0]))
