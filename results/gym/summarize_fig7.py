@@ -7,6 +7,8 @@ Reads every run's summary.json + metrics.jsonl (final eval point) and writes
   fig7_best_lr.md   each optimizer at its best lr (by mean final return), and DoPr - GP differences
                     paired by seed with a 95% CI, for return, val loss and train-set loss
   fig7.png          return / val loss / train-set loss vs lr, one panel row per GP
+With --holdout <dir> (runs on fresh seeds at each optimizer's best lr, chosen on the main sweep):
+  fig7_holdout.md   the same DoPr − GP comparison on those seeds only, free of lr-selection bias
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def load_final(sweep: Path) -> pd.DataFrame:
         if not lines:
             continue
         last = max(lines, key=lambda r: r["step"])
-        rows.append({"opt": config["opt"]["name"], "lr": float(config["opt"]["lr"]), "seed": int(config["seed"]), **last})
+        last = {k: v for k, v in last.items() if k != "lr"}  # the scheduled lr at the end (0 for cosine)
+        rows.append({**last, "opt": config["opt"]["name"], "lr": float(config["opt"]["lr"]), "seed": int(config["seed"])})
     if not rows:
         raise SystemExit(f"no finished runs under {sweep}")
     return pd.DataFrame(rows)
@@ -101,6 +104,16 @@ def per_lr_wins(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def correlations(df: pd.DataFrame) -> str:
+    """Spearman rank correlation, across all runs, of the final return with each one-step metric."""
+    lines = ["| metric | Spearman ρ with final return (all runs) | p-value |", "|---|---|---|"]
+    for metric in ("val/loss", "val/train_set_loss", "train/loss", "test/state_shift"):
+        if metric in df:
+            rho, p = stats.spearmanr(df[metric], df["test/return"], nan_policy="omit")
+            lines.append(f"| {METRICS[metric]} | {rho:.3f} | {p:.2g} |")
+    return "\n".join(lines)
+
+
 def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -120,30 +133,49 @@ def plot(df: pd.DataFrame, path: Path) -> None:
                 ax.errorbar(lrs, [s[0] for s in stats_], yerr=[0 if s[1] != s[1] else s[1] for s in stats_],
                             fmt=style, capsize=3, label=opt)
             ax.set_xscale("log")
+            ax.minorticks_off()
+            lrs_all = sorted(df.lr.unique())
+            ax.set_xticks(lrs_all, [f"{lr:g}" for lr in lrs_all])
             if metric != "test/return":
                 ax.set_yscale("log")
             ax.set_xlabel("lr")
             ax.set_title(f"{gp}: {label}", fontsize=9)
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=70)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/gym"))
+    parser.add_argument("--holdout", type=Path, default=None, help="sweep of fresh seeds at the chosen lrs")
     args = parser.parse_args()
     df = load_final(args.sweep)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "fig7_final.csv", index=False)
     (args.out / "fig7_by_lr.md").write_text(by_lr_table(df) + "\n")
     table, verdicts = best_lr_table(df)
-    (args.out / "fig7_best_lr.md").write_text(table + "\n\nPaired (same seed) DoPr − GP differences at every lr:\n\n" + per_lr_wins(df) + "\n")
+    (args.out / "fig7_best_lr.md").write_text(table + "\n\nPaired (same seed) DoPr − GP differences at every lr:\n\n"
+                                              + per_lr_wins(df) + "\n\n" + correlations(df) + "\n")
     plot(df, args.out / "fig7.png")
     print(by_lr_table(df), "\n")
     print(table, "\n")
-    print(per_lr_wins(df))
+    print(per_lr_wins(df), "\n")
+    print(correlations(df))
+    if args.holdout is not None:
+        held = load_final(args.holdout)
+        held.to_csv(args.out / "fig7_holdout_final.csv", index=False)
+        chosen = {opt: best_lr(df, opt) for opt in sorted(df.opt.unique())}
+        ran = {opt: sorted(held[held.opt == opt].lr.unique()) for opt in sorted(held.opt.unique())}
+        mismatch = {o: (chosen.get(o), lrs) for o, lrs in ran.items() if lrs != [chosen.get(o)]}
+        if mismatch:
+            raise SystemExit(f"holdout runs are not at the lrs chosen on the main sweep: {mismatch}")
+        text, _ = best_lr_table(held)
+        seeds = sorted(held.seed.unique())
+        (args.out / "fig7_holdout.md").write_text(f"Fresh seeds {seeds}, each optimizer at the lr chosen on the main sweep:\n\n{text}\n")
+        print(f"\nholdout (seeds {seeds}):\n{text}")
     print(f"\n{len(df)} runs; wrote {args.out}/fig7_final.csv, fig7_by_lr.md, fig7_best_lr.md, fig7.png")
 
 
