@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     frame = pd.read_csv(args.runs_csv)
+    if "status" in frame:  # a run still training (or crashed) would enter with an early eval point
+        unfinished = sorted(frame.loc[frame["status"] != "finished", "run"].unique())
+        if unfinished:
+            print(f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished)}")
+        frame = frame[frame["status"] == "finished"]
     last = last_eval(frame, args.group)
     metrics = step_metrics(frame.columns)
     if not metrics:
