@@ -8,6 +8,8 @@ Reads every run's summary.json and metrics.jsonl under the sweep dir and writes 
   spearman.csv, spearman.md Spearman rank correlation between val/loss and each accuracy, per
                             optimizer: final points across lr x seed, final points within each lr
                             (seed-to-seed only), and every eval point
+  residual_vs_val_loss.{csv,md}  accuracy beyond what val loss predicts, per optimizer (pooled
+                            linear fit of accuracy on log10 val loss; mean residual +- 95% CI)
   val_loss_vs_exact_match.png  scatter: greedy and sampled exact match against val/loss
 
 Under the paper's claim, accuracy falls as val loss rises for DoPr (rho strongly negative) but not
@@ -20,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -68,6 +71,26 @@ def spearman_table(points: pd.DataFrame, label: str, within_lr: bool = False) ->
             rho, p = stats.spearmanr(group["val/loss"], group[metric])
             out.append({"points": label, "opt": opt, "accuracy": metric, "n": len(group),
                         "spearman_rho": float(rho), "p_value": float(p)})
+    return out
+
+
+def residual_table(final: pd.DataFrame) -> list[dict]:
+    """Accuracy beyond what val loss predicts: fit accuracy ~ a + b*log10(val/loss) on all final points
+    (both optimizers pooled), then each optimizer's mean residual with a 95% t-interval. A positive
+    residual means more test-time accuracy than runs of the same validation loss get on average."""
+    out = []
+    for metric in ACCURACIES:
+        if metric not in final:
+            continue
+        x = np.log10(final["val/loss"].to_numpy(dtype=float))
+        y = final[metric].to_numpy(dtype=float)
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = pd.Series(y - (intercept + slope * x), index=final.index)
+        for opt, idx in final.groupby("opt").groups.items():
+            r = residual.loc[idx].to_numpy()
+            half = stats.t.ppf(0.975, len(r) - 1) * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else np.nan
+            out.append({"accuracy": metric, "opt": opt, "n": len(r), "mean_residual": float(r.mean()),
+                        "ci95": float(half)})
     return out
 
 
@@ -125,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {row.points} | {row.opt} | {row.accuracy} | {row.n} | {row.spearman_rho:+.3f} | {row.p_value:.2g} |")
     (out / "spearman.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    residuals = pd.DataFrame(residual_table(final))
+    residuals.to_csv(out / "residual_vs_val_loss.csv", index=False)
+    lines = ["| accuracy | optimizer | n | mean residual vs pooled fit on log10(val/loss) | ±95% |", "|---|---|---|---|---|"]
+    for row in residuals.itertuples():
+        lines.append(f"| {row.accuracy} | {row.opt} | {row.n} | {row.mean_residual:+.3f} | {row.ci95:.3f} |")
+    (out / "residual_vs_val_loss.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     plot(final, every, out / "val_loss_vs_exact_match.png")
-    print(f"wrote {out}/final_points.csv, spearman.csv, spearman.md, val_loss_vs_exact_match.png")
+    print(f"wrote {out}/final_points.csv, spearman.*, residual_vs_val_loss.*, val_loss_vs_exact_match.png")
     return 0
 
 
