@@ -21,7 +21,7 @@ METRICS = ["val/loss", "val/action_mse", "test/success_rate", "test/success_rate
 def main(path: str) -> None:
     runs = pd.read_csv(path)
     last = runs.sort_values("step").groupby(["opt.name", "seed"]).tail(1).set_index(["opt.name", "seed"])
-    print("| base -> DoPr | metric | seeds | mean diff (DoPr - base) | 95% CI | DoPr better in |")
+    print("| base -> DoPr | metric | seeds | mean diff (DoPr - base) | 95% CI | DoPr better / tied / worse |")
     print("|---|---|---|---|---|---|")
     for base, dopr in PAIRS:
         for metric in METRICS:
@@ -31,11 +31,13 @@ def main(path: str) -> None:
             if not seeds:
                 continue
             diff = np.array([last.loc[(dopr, s), metric] - last.loc[(base, s), metric] for s in seeds], dtype=float)
+            diff = np.round(diff, 9)  # success rates are multiples of 1/episodes: no float-noise "wins"
             mean = diff.mean()
             half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-            better = (diff < 0) if metric.startswith("val/") else (diff > 0)
-            print(f"| {base} -> {dopr} | {metric} | {len(diff)} | {mean:+.4g} | [{mean - half:+.4g}, {mean + half:+.4g}] "
-                  f"| {int(better.sum())}/{len(diff)} |")
+            sign = -1.0 if metric.startswith("val/") else 1.0  # lower loss / higher success is better
+            better, worse = int((sign * diff > 0).sum()), int((sign * diff < 0).sum())
+            print(f"| {base} -> {dopr} | {metric} | {len(diff)} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] "
+                  f"| {better} / {len(diff) - better - worse} / {worse} |")
 
 
 if __name__ == "__main__":
