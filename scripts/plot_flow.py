@@ -144,7 +144,7 @@ def plot(last: pd.DataFrame, group: str, metrics: dict, floor: dict, title: str,
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
         base_metric = metric.split("_")[0]
         if base_metric in floor:
-            ax.axhline(floor[base_metric], color="k", ls=":", lw=1, label="perfect sampler (floor)")
+            ax.axhline(floor[base_metric], color="k", ls=":", lw=1, label="true samples in place of model samples")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ODE integration steps")
         ax.set_ylabel(metric)
