@@ -61,7 +61,12 @@ def mean_ci(values: pd.Series) -> tuple[float, float, int]:
     return float(x.mean()), float(half), n
 
 
-def final_table(frame: pd.DataFrame, keys: list[str], metrics: list[str] | None = None) -> pd.DataFrame:
+def final_table(frame: pd.DataFrame, keys: list[str], metrics: list[str] | None = None,
+                include_unfinished: bool = False) -> pd.DataFrame:
+    """Mean and 95% CI of each run's last evaluation, per group; unfinished runs (killed, or still
+    running) are left out unless asked for, since their last point is an early one."""
+    if not include_unfinished:
+        frame = frame[frame["status"] == "finished"]
     last = frame.sort_values("step").groupby("run").tail(1)
     metrics = metrics or [c for c in frame.columns if c in ("train/loss", "val/loss") or c.startswith("test/")]
     out = []
@@ -96,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--group", nargs="+", default=["opt.name"], help="config keys to group by (default opt.name)")
     parser.add_argument("--metrics", nargs="+", default=None, help="columns for the table (default: losses and test/*)")
+    parser.add_argument("--include-unfinished", action="store_true", help="also table runs whose summary is not 'finished'")
     parser.add_argument("--out", type=Path, default=None, help="directory for runs.csv and final.csv/final.md (default: the sweep dir)")
     args = parser.parse_args(argv)
     frame = load_sweep(args.sweep_dir, args.group)
-    table = final_table(frame, args.group, args.metrics)
+    table = final_table(frame, args.group, args.metrics, args.include_unfinished)
+    unfinished = frame.loc[frame["status"] != "finished", "run"].nunique()
+    if unfinished and not args.include_unfinished:
+        print(f"note: {unfinished} unfinished run(s) left out of the table (kept in runs.csv); --include-unfinished to add them")
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "runs.csv", index=False)
