@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch.optim import Optimizer
 
+from dopr.optim.gp import evaluate_closure
 from dopr.optim.preconditioner import ActivationPreconditioner
 
 
@@ -53,10 +54,7 @@ class DoPr(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if self.preconditioner is not None:
             self.preconditioner.step()
         for optimizer in self.optimizers:

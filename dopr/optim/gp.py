@@ -68,6 +68,14 @@ def route_params(model: nn.Module, io_to_adamw: bool = True) -> tuple[list[nn.Pa
     return matrix, other
 
 
+def evaluate_closure(closure):
+    """The loss of an optimizer's optional closure, with grad enabled inside a no_grad step."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _check(name: str, lr: float, weight_decay: float, ns_steps: int, ns_dtype: str) -> None:
     if not lr > 0:
         raise ValueError(f"{name}: lr must be > 0, got {lr}")
@@ -104,10 +112,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta = group["momentum"]
             for p in group["params"]:
@@ -147,10 +152,7 @@ class AdaMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
