@@ -110,7 +110,7 @@ def test_nan_loss_is_a_clear_error(tmp_path):
 def test_unknown_task_and_optimizer_name_the_choices(tmp_path):
     out = run_py("task=nope", "logger=none", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and "lds" in out.stderr  # Hydra lists the available tasks
-    out = run_py("opt.name=nope", "logger=none", f"hydra.run.dir={tmp_path}", *TINY)
+    out = run_py("task=lds", "opt.name=nope", "logger=none", f"hydra.run.dir={tmp_path}", *TINY)
     assert out.returncode != 0 and "known: adamw" in out.stderr
 
 
