@@ -23,15 +23,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-
-def parse_overrides(argv: list[str]) -> dict[str, str]:
-    out = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"argument {arg!r} is not key=value (e.g. env=Hopper-v5)")
-        key, value = arg.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
+from dopr.cli import parse_overrides  # noqa: E402
 
 
 def default_dataset_id(env_id: str, expert: str) -> str:

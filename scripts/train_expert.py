@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import gymnasium as gym  # noqa: E402
 
+from dopr.cli import parse_overrides  # noqa: E402
 from dopr.experts.linear_policy import LinearPolicy  # noqa: E402
 
 # ARS V2-t hyperparameters (Mania et al. 2018, Table 9): directions N, top directions b,
@@ -93,16 +94,6 @@ def evaluate(env, weight, mean, std, low, high, episodes, max_steps, per_episode
                for i in range(episodes)]
     summary = (float(np.mean(returns)), float(np.std(returns)))
     return summary + ([float(r) for r in returns],) if per_episode else summary
-
-
-def parse_overrides(argv: list[str]) -> dict[str, str]:
-    out = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"argument {arg!r} is not key=value (e.g. env=Hopper-v5)")
-        key, value = arg.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str]) -> None:
