@@ -22,6 +22,22 @@ torch.set_num_threads(1)
 
 
 # --- arithmetic data ------------------------------------------------------------------------------
+
+def metrics_before_and_after_training(task, model, opt, steps):
+    """validate()+evaluate() metrics of ``model`` before and after ``steps`` plain training steps."""
+    model.eval()
+    before = {**task.validate(model), **task.evaluate(model)}
+    batches = task.train_batches()
+    model.train()
+    for _ in range(steps):
+        loss = task.loss(model, next(batches))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = {**task.validate(model), **task.evaluate(model)}
+    return before, after
+
 def test_scratchpads_of_known_problems():
     assert Problem("add", 345, 678, 3).prompt == "345+678="
     assert Problem("add", 345, 678, 3).completion == "5+8+0=13;4+7+1=12;3+6+1=10;>1023$"
@@ -167,17 +183,7 @@ def test_lm_arith_learns_one_digit_addition():
     task = small_task(min_digits=1, max_digits=1, d_model=48, n_layers=2, batch_size=32, n_test_per_length=40)
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batches = task.train_batches()
-    model.eval()
-    before = {**task.validate(model), **task.evaluate(model)}
-    model.train()
-    for _ in range(250):
-        loss = task.loss(model, next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    after = {**task.validate(model), **task.evaluate(model)}
+    before, after = metrics_before_and_after_training(task, model, opt, steps=250)
     assert before["test/exact_match"] < 0.2
     assert after["val/loss"] < 0.5 * before["val/loss"]
     assert after["test/exact_match"] > 0.5, after
@@ -253,17 +259,7 @@ def test_lora_sft_end_to_end_offline(tiny_fixture):
     hooked = {layer.name for layer in opt.preconditioner.layers}
     adapters = {n for n, p in model.named_modules() if n.endswith((".lora_A.default", ".lora_B.default"))}
     assert hooked == adapters and len(adapters) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
-    model.eval()
-    before = {**task.validate(model), **task.evaluate(model)}
-    batches = task.train_batches()
-    model.train()
-    for _ in range(60):
-        loss = task.loss(model, next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    after = {**task.validate(model), **task.evaluate(model)}
+    before, after = metrics_before_and_after_training(task, model, opt, steps=60)
     texts = task.generate(model, [e.prompt for e in task.test_examples])
     assert before["test/accuracy"] == 0.0
     assert after["val/loss"] < 0.5 * before["val/loss"]
