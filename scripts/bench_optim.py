@@ -136,7 +136,8 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name()}"
     names = [(n, (n, {})) for pair in PAIRS for n in pair]
     names += [(f"{d}+cheap", (d, CHEAP)) for _, d in PAIRS]
-    pairs = PAIRS + [(b, f"{d}+cheap") for b, d in PAIRS]
+    names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap_solver="primal")))]  # without the batch-space path
+    pairs = PAIRS + [(b, f"{d}+cheap") for b, d in PAIRS] + [("adamw", "dopr_adamw+primal")]
     workloads = [lambda: mlp_workload(args.device)]
     if args.device.startswith("cuda"):
         d, n, s, b = (int(v) for v in args.gpt.split(","))

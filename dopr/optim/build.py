@@ -24,6 +24,7 @@ AP_KEYS = {
     "bias_mode": "bias",
     "ap_warmup_steps": "warmup_steps",
     "ap_exclude": "exclude",
+    "ap_solver": "solver",
 }
 
 
@@ -64,7 +65,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
 
     ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer (AP keys:
     damping, ap_ema, stat_interval, inverse_interval, max_rows, bias_mode, ap_warmup_steps,
-    ap_exclude). Matrix GPs (muon, adamuon) send the parameters that ``route_params`` does not call
+    ap_exclude, ap_solver). Matrix GPs (muon, adamuon) send the parameters that ``route_params`` does not call
     matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas default to lr, weight_decay, (0.9, 0.999)).
     Raises ValueError on an unknown name, unknown key or bad value.
     """

@@ -6,6 +6,13 @@ For every supported layer with weight gradient G (d_out x d_in) and inputs z (n 
     P = (S + damping * tr(S)/d * I)^-1              (Cholesky, fp32, never NaN)
     G <- G P                                        (before any gradient preconditioner sees it)
 
+When S is the current batch's (no EMA, refreshed every step) and the batch has fewer rows than
+the layer has inputs, the same G P is cheaper in batch space (Woodbury, mu = damping tr(S)/d):
+
+    G P = (G - (G z^T) (n mu I + z z^T)^-1 z) / mu   (an n x n Cholesky instead of d x d)
+
+``APConfig.solver`` picks per layer and step by flop count ("auto"), or forces "primal".
+
 Statistics are recorded by forward pre-hooks, only in training-mode passes with grad enabled, so
 validation passes and rollouts never touch them. Micro-batches of one step are summed (gradient
 accumulation), and under torch.distributed the sums are all-reduced in one bucket before use.
@@ -26,6 +33,10 @@ from torch import nn
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BIAS_MODES = ("augment", "gp")
+SOLVERS = ("auto", "primal")
+# The batch-space path must beat the d x d one by this factor in flops: its triangular solves and
+# skinny matmuls run below GEMM speed.
+DUAL_FLOP_MARGIN = 0.75
 
 
 @dataclass
@@ -40,6 +51,12 @@ class APConfig:
     bias: str = "augment"  # "augment": precondition [W b] with z augmented by 1; "gp": biases untouched
     warmup_steps: int = 0  # plain gradients for the first k steps
     exclude: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names to skip
+    solver: str = "auto"  # "auto": batch-space (Woodbury) G P when it is cheaper; "primal": always d x d
+
+    def batch_space_allowed(self) -> bool:
+        """Woodbury needs S to be exactly this step's batch and a nonzero damping."""
+        return (self.solver == "auto" and self.ema == 0 and self.stat_interval == 1
+                and self.inverse_interval == 1 and self.damping > 0)
 
     def __post_init__(self):
         self.exclude = tuple(self.exclude or ())
@@ -51,6 +68,7 @@ class APConfig:
             (self.max_rows is None or int(self.max_rows) >= 1, "max_rows must be None or an integer >= 1"),
             (self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}"),
             (int(self.warmup_steps) == self.warmup_steps >= 0, "warmup_steps must be an integer >= 0"),
+            (self.solver in SOLVERS, f"solver must be one of {SOLVERS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -71,6 +89,8 @@ class _LayerStats:
         self.xtx: torch.Tensor | None = None  # sum over recorded rows of z z^T
         self.xsum: torch.Tensor | None = None  # sum of z (only with bias augmentation)
         self.rows = 0
+        # Rows kept (not yet reduced to z^T z) while the batch-space path may still be the cheaper one.
+        self.kept: list[torch.Tensor] = []
         self.S: torch.Tensor | None = None
         self.P: torch.Tensor | None = None
 
@@ -93,12 +113,28 @@ class _LayerStats:
         patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, d_in, L)
         return patches.transpose(1, 2).reshape(-1, self.in_dim)
 
-    def record(self, x: torch.Tensor, max_rows: int | None, step: int) -> None:
+    def record(self, x: torch.Tensor, max_rows: int | None, step: int, keep_rows: bool = False) -> None:
         z = self.input_rows(x.detach())
         if max_rows is not None and z.shape[0] > max_rows:
             stride = math.ceil(z.shape[0] / max_rows)
             z = z[step % stride :: stride]  # strided view: cheap and deterministic
         z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 inputs accumulate in fp32
+        if keep_rows and self.rows + z.shape[0] < self.dim:
+            # Usually the very tensor autograd already saved for backward: no extra memory.
+            self.kept.append(z)
+            self.rows += z.shape[0]
+            return
+        self.reduce_kept()
+        self._accumulate(z)
+
+    def reduce_kept(self) -> None:
+        """Fold kept rows into z^T z (the d x d path)."""
+        kept, self.kept = self.kept, []
+        self.rows -= sum(z.shape[0] for z in kept)
+        for z in kept:
+            self._accumulate(z)
+
+    def _accumulate(self, z: torch.Tensor) -> None:
         if self.xtx is None:
             self.xtx = torch.zeros(self.in_dim, self.in_dim, device=z.device, dtype=z.dtype)
             if self.bias is not None:
@@ -120,6 +156,7 @@ class _LayerStats:
         return S
 
     def reset(self) -> None:
+        self.kept = []
         if self.xtx is not None:
             self.xtx.zero_()
         if self.xsum is not None:
@@ -127,6 +164,9 @@ class _LayerStats:
         self.rows = 0
 
     # -- gradients -------------------------------------------------------------------------------
+    def grad_matrix_ready(self) -> bool:
+        return self.weight.grad is not None
+
     def grad_matrix(self) -> torch.Tensor | None:
         if self.weight.grad is None:
             return None
@@ -140,6 +180,24 @@ class _LayerStats:
         self.weight.grad.copy_(M[:, : self.in_dim].reshape(self.weight.shape))
         if self.bias is not None and self.bias.grad is not None:
             self.bias.grad.copy_(M[:, -1])
+
+    # -- batch-space (Woodbury) path -------------------------------------------------------------
+    def batch_space_cheaper(self) -> bool:
+        """Whether the n x n path costs fewer flops than statistics + d x d inverse + G P."""
+        n, d, d_out = self.rows, self.dim, self.weight.shape[0]
+        if not self.kept or n == 0:
+            return False
+        primal = n * d * d + d**3 + d_out * d * d
+        dual = n * n * d + n**3 / 3 + 2 * d_out * d * n + n * n * d_out
+        return dual < DUAL_FLOP_MARGIN * primal
+
+    def kept_rows(self) -> torch.Tensor:
+        return self.kept[0] if len(self.kept) == 1 else torch.cat(self.kept)
+
+    def gram(self, Z: torch.Tensor) -> torch.Tensor:
+        """z z^T of the (bias-augmented) rows: the augmenting ones column adds 1 everywhere."""
+        K = Z @ Z.T
+        return K.add_(1.0) if self.bias is not None else K
 
 
 def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, ...]:
@@ -172,7 +230,7 @@ def damped_inverse(S: torch.Tensor, damping: float) -> torch.Tensor:
     # One batched check on the common path; the per-matrix fallbacks below are rare.
     if bool(((info == 0) & torch.isfinite(scale) & (scale > 0)).all()):
         P = torch.cholesky_inverse(L)
-        if bool(torch.isfinite(P).all()):
+        if bool(torch.isfinite(P.sum())):  # any nan/inf entry makes the sum non-finite; 10x cheaper than isfinite().all()
             return P
     return torch.stack([_robust_inverse(S_i, damping, eye) for S_i in S])
 
@@ -223,6 +281,9 @@ class ActivationPreconditioner:
             self.layers.append(layer)
             self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
         self.steps = 0  # completed optimizer steps
+        # Batch-space G P needs every row of the step on this process; under torch.distributed the
+        # d x d statistics are what gets all-reduced.
+        self._keep_rows = self.config.batch_space_allowed() and _world()[0] == 1
 
     # -- hooks -----------------------------------------------------------------------------------
     def _recording(self) -> bool:
@@ -232,7 +293,7 @@ class ActivationPreconditioner:
         def hook(module, args):
             # Only the optimized step's own forward passes count: no eval passes, no no_grad rollouts.
             if module.training and torch.is_grad_enabled() and args and self._recording():
-                layer.record(args[0], self.config.max_rows, self.steps)
+                layer.record(args[0], self.config.max_rows, self.steps, keep_rows=self._keep_rows)
 
         return hook
 
@@ -246,10 +307,17 @@ class ActivationPreconditioner:
     def step(self) -> None:
         """Turn this step's statistics into inverses (when due) and rewrite the gradients."""
         cfg = self.config
+        batch_space = []
         if self._recording():
+            for layer in self.layers:
+                if layer.kept:
+                    if self.steps >= cfg.warmup_steps and layer.batch_space_cheaper() and layer.grad_matrix_ready():
+                        batch_space.append(layer)
+                    else:
+                        layer.reduce_kept()
             self._all_reduce()
             for layer in self.layers:
-                if layer.rows == 0:
+                if layer.rows == 0 or layer in batch_space:
                     continue
                 S_batch = layer.batch_second_moment()
                 if cfg.ema > 0 and layer.S is not None:
@@ -257,15 +325,53 @@ class ActivationPreconditioner:
                 else:
                     layer.S = S_batch
         self._refresh_inverses()
+        if batch_space:
+            self._batch_space_step(batch_space)
         for layer in self.layers:
             layer.reset()
         if self.steps >= cfg.warmup_steps:
             for layer in self.layers:
                 G = layer.grad_matrix()
-                if G is None or layer.P is None:
+                if G is None or layer.P is None or layer in batch_space:
                     continue
                 layer.set_grad_matrix(G.to(layer.P.dtype) @ layer.P)
         self.steps += 1
+
+    def _batch_space_step(self, layers: list[_LayerStats]) -> None:
+        """G P = (G - (G z^T)(n mu I + z z^T)^-1 z) / mu, one batched n x n Cholesky per row count.
+
+        A layer whose factorization fails falls back to the d x d path (same math, robust inverse).
+        """
+        by_rows: dict[tuple, list[tuple[_LayerStats, torch.Tensor]]] = {}
+        for layer in layers:
+            Z = layer.kept_rows()
+            by_rows.setdefault((Z.shape[0], Z.device, Z.dtype), []).append((layer, Z))
+        for (n, _, _), group in by_rows.items():
+            K = torch.stack([layer.gram(Z) for layer, Z in group])
+            mu = self.config.damping * torch.diagonal(K, dim1=-2, dim2=-1).sum(-1) / (n * K.new_tensor([l.dim for l, _ in group]))
+            eye = torch.eye(n, device=K.device, dtype=K.dtype)
+            L, info = torch.linalg.cholesky_ex(K + (n * mu)[:, None, None] * eye)
+            # An explicit n x n inverse then one GEMM beats triangular solves with d_out right-hand sides on CPU.
+            K_inv = torch.cholesky_inverse(L) if bool((info == 0).all()) else None
+            for i, (layer, Z) in enumerate(group):
+                G = layer.grad_matrix().to(Z.dtype)
+                GZt = G[:, : layer.in_dim] @ Z.T
+                if layer.bias is not None:
+                    GZt += G[:, -1:]  # the ones column of the augmented rows
+                M = None
+                if info[i] == 0 and mu[i] > 0:
+                    # (G z^T)(n mu I + z z^T)^-1, d_out x n
+                    B = GZt @ K_inv[i] if K_inv is not None else torch.cholesky_solve(GZt.T, L[i]).T
+                    M = G.clone()
+                    M[:, : layer.in_dim] -= B @ Z
+                    if layer.bias is not None:
+                        M[:, -1] -= B.sum(1)
+                    M /= mu[i]
+                if M is None or not torch.isfinite(M.sum()):
+                    layer.reduce_kept()
+                    P = damped_inverse(layer.batch_second_moment()[None], self.config.damping)[0]
+                    M = G @ P
+                layer.set_grad_matrix(M)
 
     def _refresh_inverses(self) -> None:
         k = self.config.inverse_interval

@@ -200,7 +200,7 @@ def test_options_ema_interval_subsample_warmup_exclude():
 
 
 def test_bad_config_raises():
-    for bad in (dict(damping=-1), dict(ema=1.0), dict(stat_interval=0), dict(bias="nope"), dict(max_rows=0)):
+    for bad in (dict(damping=-1), dict(ema=1.0), dict(stat_interval=0), dict(bias="nope"), dict(max_rows=0), dict(solver="nope")):
         with pytest.raises(ValueError):
             APConfig(**bad)
 
@@ -227,3 +227,54 @@ def test_lora_adapters_are_preconditioned():
     ap.step()
     torch.testing.assert_close(lora_a.weight.grad, dense_ap(raw, x, 1e-3).float(), rtol=1e-4, atol=1e-5)
     copy.deepcopy(ap.state_dict())
+
+
+def _wide_layer_grads(solver, bias_mode, dtype, chunks=1, seed=11):
+    """A layer with more inputs (48) than batch rows (10): the batch-space path applies."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(48, 5, dtype=dtype)
+    scales = torch.logspace(-1, 1, 48, dtype=dtype)  # anisotropic inputs, so P is far from a multiple of I
+    x = torch.randn(10, 48, dtype=dtype) * scales
+    ap = ActivationPreconditioner(layer, APConfig(damping=1e-2, bias=bias_mode, solver=solver))
+    for part in x.chunk(chunks):
+        layer(part).pow(2).sum().backward()
+    raw = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    kept = bool(ap.layers[0].kept)
+    ap.step()
+    return x, raw, {n: p.grad.clone() for n, p in layer.named_parameters()}, kept
+
+
+@pytest.mark.parametrize("bias_mode", ["augment", "gp"])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_batch_space_path_matches_dense(bias_mode, chunks):
+    x, raw, new, kept = _wide_layer_grads("auto", bias_mode, torch.float64, chunks)
+    assert kept  # the Woodbury path was taken
+    if bias_mode == "augment":
+        Z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        M = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-2)
+        torch.testing.assert_close(new["weight"], M[:, :48])
+        torch.testing.assert_close(new["bias"], M[:, 48])
+    else:
+        torch.testing.assert_close(new["weight"], dense_ap(raw["weight"], x, 1e-2))
+        torch.testing.assert_close(new["bias"], raw["bias"])
+
+
+def test_batch_space_and_primal_are_accurate_in_float32():
+    """Woodbury subtracts nearly equal terms; in fp32 it stays within 1e-3 (normwise) of float64 math."""
+    for solver, expect_kept in (("auto", True), ("primal", False)):
+        x, raw, new, kept = _wide_layer_grads(solver, "augment", torch.float32)
+        assert kept == expect_kept
+        Z = torch.cat([x, torch.ones(len(x), 1)], 1)
+        exact = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-2)
+        got = torch.cat([new["weight"], new["bias"][:, None]], 1).double()
+        assert (got - exact).norm() / exact.norm() < 1e-3, solver
+
+
+@pytest.mark.parametrize("config", [dict(ema=0.5), dict(inverse_interval=2), dict(stat_interval=2), dict(damping=0.0)])
+def test_batch_space_path_only_for_per_batch_damped_statistics(config):
+    layer = nn.Linear(48, 5)
+    ap = ActivationPreconditioner(layer, APConfig(**config))
+    layer(torch.randn(10, 48)).sum().backward()
+    assert not ap.layers[0].kept and ap.layers[0].rows == 10  # reduced to z^T z in the hook
+    ap.step()
+    assert torch.isfinite(layer.weight.grad).all()
