@@ -36,6 +36,8 @@ def main() -> None:
         x = torch.randn(64, 16, device=device, generator=gen) * scales
         loss = (ddp(x) - x @ target).pow(2).mean()
         opt.zero_grad()
+        if opt.preconditioner is not None:  # overlap the statistics all-reduce with backward
+            opt.preconditioner.start_statistics_sync()
         loss.backward()
         opt.step()
         if rank == 0 and (step + 1) % 50 == 0:

@@ -284,6 +284,7 @@ class ActivationPreconditioner:
         # Batch-space G P needs every row of the step on this process; under torch.distributed the
         # d x d statistics are what gets all-reduced.
         self._keep_rows = self.config.batch_space_allowed() and _world()[0] == 1
+        self._pending_sync = None  # (bucket, work handle) of an all-reduce launched before backward
 
     # -- hooks -----------------------------------------------------------------------------------
     def _recording(self) -> bool:
@@ -403,23 +404,42 @@ class ActivationPreconditioner:
             for layer in due:
                 layer.S = None  # not needed again until the next statistics step
 
+    def start_statistics_sync(self) -> None:
+        """Launch this step's statistics all-reduce now, so it runs while backward does.
+
+        Call it after the step's last forward pass and before ``backward()``; ``step()`` waits for
+        it. Without the call, ``step()`` all-reduces synchronously. A no-op on one process and on
+        steps that record no statistics.
+        """
+        if _world()[0] > 1 and self._recording() and self._pending_sync is None:
+            bucket = self._pack_statistics()
+            self._pending_sync = (bucket, dist.all_reduce(bucket, async_op=True))
+
     def _all_reduce(self) -> None:
-        layers = self.layers
         if _world()[0] == 1:
             return
-        # One bucket for every statistic and row count of the step.
+        if self._pending_sync is None:
+            self.start_statistics_sync()
+        bucket, handle = self._pending_sync
+        self._pending_sync = None
+        handle.wait()
+        self._unpack_statistics(bucket)
+
+    def _pack_statistics(self) -> torch.Tensor:
+        """One bucket for every statistic and row count of the step (one collective for all layers)."""
         parts = []
-        for layer in layers:
+        for layer in self.layers:
             if layer.xtx is None:
                 layer.xtx = torch.zeros(layer.in_dim, layer.in_dim, device=layer.weight.device)
                 if layer.bias is not None:
                     layer.xsum = torch.zeros(layer.in_dim, device=layer.weight.device)
             parts += [layer.xtx.flatten()] + ([layer.xsum] if layer.xsum is not None else [])
             parts.append(torch.tensor([float(layer.rows)], device=layer.xtx.device))
-        bucket = torch.cat(parts)
-        dist.all_reduce(bucket)
+        return torch.cat(parts)
+
+    def _unpack_statistics(self, bucket: torch.Tensor) -> None:
         offset = 0
-        for layer in layers:
+        for layer in self.layers:
             for tensor in [layer.xtx] + ([layer.xsum] if layer.xsum is not None else []):
                 tensor.copy_(bucket[offset : offset + tensor.numel()].view_as(tensor))
                 offset += tensor.numel()

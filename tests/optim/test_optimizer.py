@@ -183,7 +183,7 @@ def test_memory_accounting():
     assert mem["ap"] == sum(4 * (d * d + d + (d + 1) ** 2) for d in (6, 16, 16))
 
 
-def _gloo_worker(rank, world, port, x, result_dir):
+def _gloo_worker(rank, world, port, x, result_dir, overlap):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -192,20 +192,25 @@ def _gloo_worker(rank, world, port, x, result_dir):
     opt = build_optimizer(model, "dopr_adamw", lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
-        ddp(x.chunk(world)[rank]).pow(2).sum().backward()
+        loss = ddp(x.chunk(world)[rank]).pow(2).sum()
+        if overlap:  # statistics all-reduce runs during backward
+            opt.preconditioner.start_statistics_sync()
+        loss.backward()
         opt.step()
     torch.save({"P": [layer.P for layer in opt.preconditioner.layers], "params": list(model.parameters())},
                os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path, overlap):
     """2 processes, half the batch each: every rank ends with the full batch's inverses (3 layers, so
     both ranks own some) and identical parameters."""
     torch.manual_seed(1)
     x = torch.randn(10, 4) * torch.tensor([5.0, 1.0, 0.1, 2.0])
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path)), nprocs=2, join=True)
+    port += 1 if overlap else 0
+    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path), overlap), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for a, b in zip(r0["P"], r1["P"]):
         assert torch.equal(a, b)  # each inverse was computed once, by its owner, and broadcast
