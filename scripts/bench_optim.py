@@ -61,7 +61,7 @@ def gpt_workload(device: str, d_model: int, layers: int, seq: int, batch: int):
     x = torch.randn(batch, seq, d_model, device=device)
 
     def loss(m):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
             return m(x).float().pow(2).mean()
 
     return model, loss, f"GPT blocks d={d_model} x{layers}, seq {seq}, batch {batch}, bf16 autocast"
@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--gpt", default="768,12,1024,8", help="d_model,layers,seq,batch for --device cuda")
+    parser.add_argument("--gpt", default="768,12,1024,8", help="d_model,layers,seq,batch of the GPT workload")
+    parser.add_argument("--workloads", default=None, help="comma list of mlp,gpt (default: mlp on CPU, mlp,gpt on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="write the tables (markdown) and raw numbers (json) here")
     args = parser.parse_args()
     if args.threads:
@@ -138,10 +139,13 @@ def main() -> None:
     names += [(f"{d}+cheap", (d, CHEAP)) for _, d in PAIRS]
     names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap_solver="primal")))]  # without the batch-space path
     pairs = PAIRS + [(b, f"{d}+cheap") for b, d in PAIRS] + [("adamw", "dopr_adamw+primal")]
-    workloads = [lambda: mlp_workload(args.device)]
-    if args.device.startswith("cuda"):
-        d, n, s, b = (int(v) for v in args.gpt.split(","))
-        workloads.append(lambda: gpt_workload(args.device, d, n, s, b))
+    chosen = (args.workloads or ("mlp,gpt" if args.device.startswith("cuda") else "mlp")).split(",")
+    unknown = set(chosen) - {"mlp", "gpt"}
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from mlp, gpt")
+    d, n, s, b = (int(v) for v in args.gpt.split(","))
+    builders = {"mlp": lambda: mlp_workload(args.device), "gpt": lambda: gpt_workload(args.device, d, n, s, b)}
+    workloads = [builders[w] for w in chosen]
     report, raw = [f"Machine: {machine}. Cheap settings: {CHEAP}.", ""], {}
     for workload in workloads:
         results = bench(workload, names, args.device, args.rounds, args.steps, args.warmup)
