@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 run: install
 	$(PY) run.py logger=none $(ARGS)
 
-# The whole test suite (about 10 minutes on 2 CPU cores).
+# The whole test suite (2-5 minutes on 2 CPU cores).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
