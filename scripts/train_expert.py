@@ -3,6 +3,12 @@
     python scripts/train_expert.py env=HalfCheetah-v5 [seed=0] [max_env_steps=3000000]
         [max_minutes=30] [out=experts/HalfCheetah-v5.npz] [directions=..] [top=..] [step_size=..] [noise=..]
     python scripts/train_expert.py env=Hopper-v5 evaluate_only=experts/Hopper-v5.npz   # re-measure a saved expert
+    python scripts/train_expert.py env=Humanoid-v5 workers=16 max_minutes=9 resume=true  # many cores, in chunks
+
+``workers=N`` rolls the 2*directions perturbed policies out in N processes (same result as serial:
+every episode seed is drawn in the main process). The full training state is written atomically
+to ``<out>.state.npz`` after every iteration; ``resume=true`` continues from it, so a long run can
+be split across time-limited calls (the wall-time budget ``max_minutes`` counts per call).
 
 Why ARS: it needs only env steps (no backprop, no GPU), a linear policy fits in a few KB, and
 Mania et al. (2018) report expert-level Hopper/HalfCheetah/Walker2d returns with it. The
@@ -16,6 +22,7 @@ together with the command, seed, env steps, wall time and machine.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -88,6 +95,38 @@ def rollout(env, weight, mean, std, low, high, seed, max_steps, alive_bonus=0.0,
     return shaped, true_return, steps
 
 
+_WORKER_ENV = None  # one env per worker process
+
+
+def _init_worker(env_id: str) -> None:
+    global _WORKER_ENV
+    _WORKER_ENV = gym.make(env_id, disable_env_checker=True).unwrapped
+
+
+def _rollout_in_worker(job):
+    """(weight, mean, std, low, high, seed, max_steps, alive_bonus) -> (shaped return, steps, obs sum, sum sq, count)."""
+    weight, mean, std, low, high, seed, max_steps, alive_bonus = job
+    stats = RunningObsStats(len(mean))
+    shaped, _, steps = rollout(_WORKER_ENV, weight, mean, std, low, high, seed, max_steps, alive_bonus, record=stats)
+    return shaped, steps, stats.sum, stats.sumsq, stats.count
+
+
+def save_state(path: Path, **state) -> None:
+    """Atomic: a run killed mid-write keeps its previous state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{k: (json.dumps(v) if k in ("rng", "history", "hp") else v) for k, v in state.items()})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    with np.load(path) as data:
+        state = {k: data[k] for k in data.files}
+    for key in ("rng", "history", "hp"):
+        state[key] = json.loads(str(state[key]))
+    return state
+
+
 def evaluate(env, weight, mean, std, low, high, episodes, max_steps, per_episode=False):
     """Mean and std of the true return over episodes reset with seeds EVAL_SEED_BASE + i."""
     returns = [rollout(env, weight, mean, std, low, high, EVAL_SEED_BASE + i, max_steps)[1]
@@ -156,24 +195,48 @@ def main(argv: list[str]) -> None:
     weight = np.zeros((act_dim, obs_dim))
     stats = RunningObsStats(obs_dim)
     mean, std = stats.mean_std()
-
-    start = time.time()
-    env_steps, iteration = 0, 0
+    env_steps, iteration, minutes_before = 0, 0, 0.0
     best = (-np.inf, weight.copy(), mean.copy(), std.copy())
     history = []
+    state_path = out_path.with_name(out_path.name + ".state.npz")
+    if str(args.get("resume", "false")).lower() in ("1", "true", "yes") and state_path.is_file():
+        state = load_state(state_path)
+        if state["hp"] != hp or int(state["seed"]) != seed:
+            raise SystemExit(f"{state_path} was written with hp={state['hp']} seed={int(state['seed'])}; "
+                             f"this call has hp={hp} seed={seed}. Use the same settings, or delete the state file.")
+        rng.bit_generator.state = state["rng"]
+        weight, stats.sum, stats.sumsq, stats.count = state["weight"], state["obs_sum"], state["obs_sumsq"], int(state["obs_count"])
+        mean, std = stats.mean_std()
+        env_steps, iteration, minutes_before = int(state["env_steps"]), int(state["iteration"]), float(state["minutes"])
+        best = (float(state["best_return"]), state["best_weight"], state["best_mean"], state["best_std"])
+        history = state["history"]
+        print(f"resumed {state_path}: iteration {iteration}, {env_steps} env steps, best {best[0]:.1f}", flush=True)
+    workers = int(args.get("workers", 1))
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (env_id,))
+    else:
+        pool = None
+        _init_worker(env_id)  # the main process rolls out in its own env
+
+    start = time.time()
     while env_steps < max_env_steps and (time.time() - start) < max_minutes * 60:
         iteration += 1
         deltas = rng.standard_normal((hp["directions"], act_dim, obs_dim))
         plus, minus = np.zeros(hp["directions"]), np.zeros(hp["directions"])
         iteration_stats = RunningObsStats(obs_dim)
+        jobs = []
         for k in range(hp["directions"]):
             episode_seed = int(rng.integers(2**31 - 1))
-            for sign, store in ((1.0, plus), (-1.0, minus)):
-                shaped, _, steps = rollout(env, weight + sign * hp["noise"] * deltas[k], mean, std,
-                                           low, high, episode_seed, max_steps, hp["alive_bonus"],
-                                           record=iteration_stats)
-                store[k] = shaped
-                env_steps += steps
+            for sign in (1.0, -1.0):
+                jobs.append((weight + sign * hp["noise"] * deltas[k], mean, std, low, high, episode_seed,
+                             max_steps, hp["alive_bonus"]))
+        results = pool.map(_rollout_in_worker, jobs) if pool is not None else [_rollout_in_worker(job) for job in jobs]
+        for j, (shaped, steps, obs_sum, obs_sumsq, count) in enumerate(results):
+            (plus if j % 2 == 0 else minus)[j // 2] = shaped
+            env_steps += steps
+            iteration_stats.sum += obs_sum
+            iteration_stats.sumsq += obs_sumsq
+            iteration_stats.count += count
         # Keep the b best directions (by max of the pair) and step along their reward differences,
         # scaled by the std of the rewards used (the V1 -> V2 'reward scaling' of ARS).
         order = np.argsort(-np.maximum(plus, minus))[: hp["top"]]
@@ -184,15 +247,21 @@ def main(argv: list[str]) -> None:
         stats.sumsq += iteration_stats.sumsq
         stats.count += iteration_stats.count
         mean, std = stats.mean_std()
+        minutes = minutes_before + (time.time() - start) / 60
         if iteration % eval_every == 0:
             avg, sd = evaluate(env, weight, mean, std, low, high, 3, max_steps)
-            history.append(dict(iteration=iteration, env_steps=env_steps, eval_return=avg,
-                                minutes=(time.time() - start) / 60))
+            history.append(dict(iteration=iteration, env_steps=env_steps, eval_return=avg, minutes=minutes))
             print(f"iter {iteration} env_steps {env_steps} eval_return {avg:.1f} +- {sd:.1f} "
-                  f"({(time.time() - start) / 60:.1f} min)", flush=True)
+                  f"({minutes:.1f} min)", flush=True)
             if avg > best[0]:
                 best = (avg, weight.copy(), mean.copy(), std.copy())
-    minutes = (time.time() - start) / 60
+        save_state(state_path, rng=rng.bit_generator.state, hp=hp, seed=seed, weight=weight, obs_sum=stats.sum,
+                   obs_sumsq=stats.sumsq, obs_count=stats.count, env_steps=env_steps, iteration=iteration,
+                   minutes=minutes, best_return=best[0], best_weight=best[1], best_mean=best[2],
+                   best_std=best[3], history=history)
+    if pool is not None:
+        pool.close()
+    minutes = minutes_before + (time.time() - start) / 60
     if best[0] == -np.inf:  # never evaluated: keep the final policy
         best = (np.nan, weight, mean, std)
     _, weight, mean, std = best

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,21 @@ def test_committed_expert_reproduces_its_recorded_return(env_id, record):
     # The first evaluation episode (reset seed 10_000) replays to the recorded return.
     result = rollout_policy(expert, env_id, episodes=1, seed=record["eval_seeds"][0])
     assert result.returns[0] == pytest.approx(record["episode_returns"][0], rel=1e-3)
+
+
+def _train_expert(out, *extra):
+    subprocess.run([sys.executable, str(REPO / "scripts" / "train_expert.py"), "env=Hopper-v5", "directions=2", "top=1",
+                    "eval_every=2", "eval_episodes=1", f"out={out}", f"returns_json={out.parent / 'returns.json'}", *extra],
+                   check=True, cwd=REPO, capture_output=True, text=True)
+    with np.load(out.with_name(out.name + ".state.npz")) as state:
+        return state["weight"].copy(), int(state["iteration"])
+
+
+def test_expert_training_in_workers_and_resumed_matches_one_serial_run(tmp_path):
+    serial, iterations = _train_expert(tmp_path / "a" / "e.npz", "max_env_steps=2500")
+    parallel, _ = _train_expert(tmp_path / "b" / "e.npz", "max_env_steps=2500", "workers=2")
+    _train_expert(tmp_path / "c" / "e.npz", "max_env_steps=1200")
+    resumed, resumed_iterations = _train_expert(tmp_path / "c" / "e.npz", "max_env_steps=2500", "resume=true")
+    assert iterations > 2 and np.abs(serial).sum() > 0
+    assert np.array_equal(serial, parallel)  # episode seeds come from the main process
+    assert resumed_iterations == iterations and np.array_equal(serial, resumed)
