@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Fig. 7 analog on Walker2d-v5 and Ant-v5 with our ARS experts (see experiments/gym/README.md):
+# demos from each expert (Walker2d clean: its linear ARS policy falls at once under action noise,
+# 898 +- 326 return at noise 0.05; Ant with N(0, 0.2^2) action noise: 2438 +- 576), then the four
+# GPs with and without AP at lr 1e-3, seeds 0-4.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python scripts/make_gym_demos.py env=Walker2d-v5 expert=experts/Walker2d-v5.npz episodes=10 \
+    dataset_id=dopr/walker2d/ars-expert-v0 overwrite=true
+python scripts/make_gym_demos.py env=Ant-v5 expert=experts/Ant-v5.npz episodes=10 action_noise=0.2 \
+    dataset_id=dopr/ant/ars-expert-noisy-v0 overwrite=true
+for env in walker2d ant; do
+  python run.py -m experiment=gym_${env}_fig7 hydra/launcher=local
+  python scripts/aggregate.py multirun/gym_${env}_fig7 --group opt.name opt.lr --out results/gym/$env
+  python results/gym/summarize_fig7.py multirun/gym_${env}_fig7 --out results/gym/$env
+done
