@@ -14,3 +14,7 @@ for env in walker2d ant; do
   python scripts/aggregate.py multirun/gym_${env}_fig7 --group opt.name opt.lr --out results/gym/$env
   python results/gym/summarize_fig7.py multirun/gym_${env}_fig7 --out results/gym/$env
 done
+# Walker2d, where AP helped at lr 1e-3: the two other learning rates of the Hopper sweep, same seeds.
+python run.py -m experiment=gym_walker2d_fig7 hydra/launcher=local opt.lr=3e-4,3e-3
+python scripts/aggregate.py multirun/gym_walker2d_fig7 --group opt.name opt.lr --out results/gym/walker2d
+python results/gym/summarize_fig7.py multirun/gym_walker2d_fig7 --out results/gym/walker2d
