@@ -18,3 +18,7 @@ done
 python run.py -m experiment=gym_walker2d_fig7 hydra/launcher=local opt.lr=3e-4,3e-3
 python scripts/aggregate.py multirun/gym_walker2d_fig7 --group opt.name opt.lr --out results/gym/walker2d
 python results/gym/summarize_fig7.py multirun/gym_walker2d_fig7 --out results/gym/walker2d
+# Walker2d fresh seeds 5-9, each optimizer at its best lr on seeds 0-4 (fig7_best_lr.md).
+python run.py -m experiment=gym_walker2d_fig7 hydra/launcher=local seed=5,6,7,8,9 opt=adamw,dopr_adamw,muon,dopr_muon,dopr_signum,adamuon,dopr_adamuon opt.lr=3e-3 hydra.sweep.dir=multirun/gym_walker2d_fig7_holdout/lr3e-3
+python run.py -m experiment=gym_walker2d_fig7 hydra/launcher=local seed=5,6,7,8,9 opt=signum opt.lr=3e-4 hydra.sweep.dir=multirun/gym_walker2d_fig7_holdout/lr3e-4
+python results/gym/summarize_fig7.py multirun/gym_walker2d_fig7 --holdout multirun/gym_walker2d_fig7_holdout --out results/gym/walker2d
