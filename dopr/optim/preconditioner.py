@@ -164,9 +164,6 @@ class _LayerStats:
         self.rows = 0
 
     # -- gradients -------------------------------------------------------------------------------
-    def grad_matrix_ready(self) -> bool:
-        return self.weight.grad is not None
-
     def grad_matrix(self) -> torch.Tensor | None:
         if self.weight.grad is None:
             return None
@@ -281,9 +278,7 @@ class ActivationPreconditioner:
             self.layers.append(layer)
             self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
         self.steps = 0  # completed optimizer steps
-        # Batch-space G P needs every row of the step on this process; under torch.distributed the
-        # d x d statistics are what gets all-reduced.
-        self._keep_rows = self.config.batch_space_allowed() and _world()[0] == 1
+        self._keep_rows = self.config.batch_space_allowed()
         self._pending_sync = None  # (bucket, work handle) of an all-reduce launched before backward
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -310,9 +305,14 @@ class ActivationPreconditioner:
         cfg = self.config
         batch_space = []
         if self._recording():
+            # Batch-space G P needs every row of the step on this process; under torch.distributed
+            # the d x d statistics are what gets all-reduced (checked here, not at construction,
+            # since the process group may start after the optimizer is built).
+            single_process = _world()[0] == 1
             for layer in self.layers:
                 if layer.kept:
-                    if self.steps >= cfg.warmup_steps and layer.batch_space_cheaper() and layer.grad_matrix_ready():
+                    if (single_process and self.steps >= cfg.warmup_steps and layer.batch_space_cheaper()
+                            and layer.weight.grad is not None):
                         batch_space.append(layer)
                     else:
                         layer.reduce_kept()
@@ -429,6 +429,7 @@ class ActivationPreconditioner:
         """One bucket for every statistic and row count of the step (one collective for all layers)."""
         parts = []
         for layer in self.layers:
+            layer.reduce_kept()  # rows kept for the batch-space path are reduced like any others
             if layer.xtx is None:
                 layer.xtx = torch.zeros(layer.in_dim, layer.in_dim, device=layer.weight.device)
                 if layer.bias is not None:

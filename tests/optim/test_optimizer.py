@@ -205,9 +205,10 @@ def _gloo_worker(rank, world, port, x, result_dir, overlap):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path, overlap):
     """2 processes, half the batch each: every rank ends with the full batch's inverses (3 layers, so
-    both ranks own some) and identical parameters."""
+    both ranks own some) and identical parameters. Each rank's 3 rows are fewer than any layer's
+    inputs, so rows are first kept for the batch-space path and must still be all-reduced."""
     torch.manual_seed(1)
-    x = torch.randn(10, 4) * torch.tensor([5.0, 1.0, 0.1, 2.0])
+    x = torch.randn(6, 4) * torch.tensor([5.0, 1.0, 0.1, 2.0])
     port = 29500 + os.getpid() % 1000
     port += 1 if overlap else 0
     mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path), overlap), nprocs=2, join=True)
@@ -217,6 +218,6 @@ def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path, overla
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # gloo's gradient sums may differ by an ulp
     # Reference for the first layer: its input is x itself (same on every step).
-    Z = torch.cat([x, torch.ones(10, 1)], 1)
-    expected = damped_inverse((Z.T @ Z / 10)[None], 1e-3)[0]
+    Z = torch.cat([x, torch.ones(6, 1)], 1)
+    expected = damped_inverse((Z.T @ Z / 6)[None], 1e-3)[0]
     torch.testing.assert_close(r0["P"][0], expected, rtol=1e-4, atol=1e-4)
