@@ -18,6 +18,15 @@ def dense_ap(G: torch.Tensor, Z: torch.Tensor, damping: float) -> torch.Tensor:
     return G.double() @ torch.linalg.inv(S + damping * torch.trace(S) / d * torch.eye(d, dtype=torch.float64))
 
 
+def dense_linear_grads(raw: dict, Z: torch.Tensor, damping: float, bias_mode: str):
+    """Reference AP gradients (weight, bias) of a Linear layer with raw gradients ``raw`` and input rows Z."""
+    if bias_mode == "gp":
+        return dense_ap(raw["weight"], Z, damping), raw["bias"]  # the bias is left to the plain GP
+    Z = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype)], 1)
+    M = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, damping)
+    return M[:, :-1], M[:, -1]
+
+
 def grads_after_ap(model, x, config):
     ap = ActivationPreconditioner(model, config)
     model.zero_grad()
@@ -33,15 +42,9 @@ def test_linear_matches_dense(bias_mode):
     layer = nn.Linear(6, 4, dtype=torch.float64)
     x = torch.randn(3, 5, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0, 0.5], dtype=torch.float64)
     raw, new = grads_after_ap(layer, x, APConfig(damping=1e-3, bias=bias_mode))
-    Z = x.reshape(-1, 6)
-    if bias_mode == "augment":
-        Z = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype)], 1)
-        M = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-3)
-        torch.testing.assert_close(new["weight"], M[:, :6])
-        torch.testing.assert_close(new["bias"], M[:, 6])
-    else:
-        torch.testing.assert_close(new["weight"], dense_ap(raw["weight"], Z, 1e-3))
-        torch.testing.assert_close(new["bias"], raw["bias"])  # left to the plain GP
+    weight, bias = dense_linear_grads(raw, x.reshape(-1, 6), 1e-3, bias_mode)
+    torch.testing.assert_close(new["weight"], weight)
+    torch.testing.assert_close(new["bias"], bias)
 
 
 def conv_patches(x, kernel, stride, padding, dilation):
@@ -249,14 +252,9 @@ def _wide_layer_grads(solver, bias_mode, dtype, chunks=1, seed=11):
 def test_batch_space_path_matches_dense(bias_mode, chunks):
     x, raw, new, kept = _wide_layer_grads("auto", bias_mode, torch.float64, chunks)
     assert kept  # the Woodbury path was taken
-    if bias_mode == "augment":
-        Z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        M = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-2)
-        torch.testing.assert_close(new["weight"], M[:, :48])
-        torch.testing.assert_close(new["bias"], M[:, 48])
-    else:
-        torch.testing.assert_close(new["weight"], dense_ap(raw["weight"], x, 1e-2))
-        torch.testing.assert_close(new["bias"], raw["bias"])
+    weight, bias = dense_linear_grads(raw, x, 1e-2, bias_mode)
+    torch.testing.assert_close(new["weight"], weight)
+    torch.testing.assert_close(new["bias"], bias)
 
 
 def test_batch_space_and_primal_are_accurate_in_float32():
@@ -264,8 +262,7 @@ def test_batch_space_and_primal_are_accurate_in_float32():
     for solver, expect_kept in (("auto", True), ("primal", False)):
         x, raw, new, kept = _wide_layer_grads(solver, "augment", torch.float32)
         assert kept == expect_kept
-        Z = torch.cat([x, torch.ones(len(x), 1)], 1)
-        exact = dense_ap(torch.cat([raw["weight"], raw["bias"][:, None]], 1), Z, 1e-2)
+        exact = torch.cat([t.reshape(len(t), -1) for t in dense_linear_grads(raw, x, 1e-2, "augment")], 1)
         got = torch.cat([new["weight"], new["bias"][:, None]], 1).double()
         assert (got - exact).norm() / exact.norm() < 1e-3, solver
 
