@@ -3,12 +3,14 @@
     python results/gym/cheap/paired.py     # reads results/gym/cheap/runs.csv, writes paired.md
 """
 
+import sys
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[2] / "scripts"))
+from aggregate import mean_ci  # noqa: E402
 runs = pd.read_csv(HERE / "runs.csv")
 final = runs.sort_values("step").groupby("run").tail(1)
 variant = final["opt.name"] + final["opt.max_rows"].map(lambda r: "" if pd.isna(r) else f", rows {int(r)}")
@@ -20,9 +22,8 @@ for name in sorted(set(final.index.get_level_values(0)) - {"muon"}):
     rows = final.loc[name]
     cells = [name]
     for metric in ("test/return", "val/loss"):
-        diff = (rows[metric] - base.loc[rows.index, metric]).to_numpy()
-        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5
-        cells += [f"{rows[metric].mean():.4g}", f"{diff.mean():+.4g} ± {half:.2g}"]
+        mean, half, _ = mean_ci(rows[metric] - base.loc[rows.index, metric])
+        cells += [f"{rows[metric].mean():.4g}", f"{mean:+.4g} ± {half:.2g}"]
     lines.append("| " + " | ".join(cells) + " |")
 lines.append(f"\nMuon: return {base['test/return'].mean():.4g}, val loss {base['val/loss'].mean():.4g}; "
              f"seeds {sorted(base.index)}; ± is the 95% t-interval of the paired difference.")
