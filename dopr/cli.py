@@ -12,3 +12,8 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         key, value = arg.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+def is_true(value: str) -> bool:
+    """A key=value flag: "1", "true" or "yes" (any case) switch it on."""
+    return str(value).lower() in ("1", "true", "yes")

@@ -23,7 +23,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from dopr.cli import parse_overrides  # noqa: E402
+from dopr.cli import is_true, parse_overrides  # noqa: E402
 
 
 def default_dataset_id(env_id: str, expert: str) -> str:
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
                        dataset_id=args.get("dataset_id", default_dataset_id(args["env"], args["expert"])),
                        datasets_path=args.get("datasets_path", REPO_ROOT / "data" / "minari"),
                        seed=int(args.get("seed", 0)), action_noise=float(args.get("action_noise", 0.0)),
-                       overwrite=args.get("overwrite", "false").lower() in ("1", "true", "yes"))
+                       overwrite=is_true(args.get("overwrite", "false")))
     print(f"wrote {info['episodes']} episodes to {info['path']}: return {info['return_mean']:.1f} "
           f"+- {info['return_std']:.1f}")
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import gymnasium as gym  # noqa: E402
 
-from dopr.cli import parse_overrides  # noqa: E402
+from dopr.cli import is_true, parse_overrides  # noqa: E402
 from dopr.experts.linear_policy import LinearPolicy  # noqa: E402
 
 # ARS V2-t hyperparameters (Mania et al. 2018, Table 9): directions N, top directions b,
@@ -96,11 +96,12 @@ def rollout(env, weight, mean, std, low, high, seed, max_steps, alive_bonus=0.0,
 
 
 _WORKER_ENV = None  # one env per worker process
+_JSON_STATE_KEYS = ("rng", "history", "hp")  # state entries that are not arrays
 
 
-def _init_worker(env_id: str) -> None:
+def _init_worker(env_id: str, env=None) -> None:
     global _WORKER_ENV
-    _WORKER_ENV = gym.make(env_id, disable_env_checker=True).unwrapped
+    _WORKER_ENV = env if env is not None else gym.make(env_id, disable_env_checker=True).unwrapped
 
 
 def _rollout_in_worker(job):
@@ -115,14 +116,14 @@ def save_state(path: Path, **state) -> None:
     """Atomic: a run killed mid-write keeps its previous state file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: (json.dumps(v) if k in ("rng", "history", "hp") else v) for k, v in state.items()})
+    np.savez(tmp, **{k: (json.dumps(v) if k in _JSON_STATE_KEYS else v) for k, v in state.items()})
     os.replace(tmp, path)
 
 
 def load_state(path: Path) -> dict:
     with np.load(path) as data:
         state = {k: data[k] for k in data.files}
-    for key in ("rng", "history", "hp"):
+    for key in _JSON_STATE_KEYS:
         state[key] = json.loads(str(state[key]))
     return state
 
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> None:
     best = (-np.inf, weight.copy(), mean.copy(), std.copy())
     history = []
     state_path = out_path.with_name(out_path.name + ".state.npz")
-    if str(args.get("resume", "false")).lower() in ("1", "true", "yes") and state_path.is_file():
+    if is_true(args.get("resume", "false")) and state_path.is_file():
         state = load_state(state_path)
         if state["hp"] != hp or int(state["seed"]) != seed:
             raise SystemExit(f"{state_path} was written with hp={state['hp']} seed={int(state['seed'])}; "
@@ -216,7 +217,7 @@ def main(argv: list[str]) -> None:
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (env_id,))
     else:
         pool = None
-        _init_worker(env_id)  # the main process rolls out in its own env
+        _init_worker(env_id, env)  # the main process rolls out in the env it evaluates in
 
     start = time.time()
     while env_steps < max_env_steps and (time.time() - start) < max_minutes * 60:
