@@ -12,9 +12,11 @@ from torch import nn
 
 from dopr.flow_metrics import (energy_distance, frechet_distance, frechet_distance_from_moments,
                                sliced_wasserstein)
+from dopr.data.targets_2d import TARGETS_2D, EightGaussians, make_target
+from dopr.models.digits_classifier import load_or_train_digits_classifier
 from dopr.models.flow_nets import FlowMLP, SmallUNet
-from dopr.tasks.flow import (TARGETS_2D, EightGaussians, Flow2DTask, FlowDigitsTask, flow_matching_loss,
-                             integrate, load_or_train_digits_classifier, make_target)
+from dopr.models.flow_ode import flow_matching_loss, integrate
+from dopr.tasks.flow import Flow2DTask, FlowDigitsTask
 
 torch.set_num_threads(1)
 
@@ -117,6 +119,8 @@ def test_eight_gaussians_nll_of_true_samples_is_its_entropy():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="two_moons"):
         make_target("moons")
+    with pytest.raises(ValueError, match=r"task\.dataset='moons'.*two_moons"):
+        Flow2DTask(dataset="moons", n_train=10, n_val=10)
 
 
 # ---------------------------------------------------------------- loss and solvers

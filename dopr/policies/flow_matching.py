@@ -1,9 +1,9 @@
 """Flow-matching policy with action chunking (the paper's robomimic policy).
 
-Training (linear interpolant): a_1 = the expert's action chunk, a_0 ~ N(0, I), t ~ U[0, 1],
-a_t = (1 - t) a_0 + t a_1; the U-Net regresses the velocity a_1 - a_0 given (a_t, t, obs).
-Sampling: Euler integration of the learned velocity from t = 0 to 1 in ``num_steps`` steps,
-starting from zeros (the mean of a_0; deterministic) or from Gaussian noise.
+Training (linear interpolant, ``dopr.models.flow_ode``): a_1 = the expert's action chunk,
+a_0 ~ N(0, I), t ~ U[0, 1], a_t = (1 - t) a_0 + t a_1; the U-Net regresses the velocity a_1 - a_0
+given (a_t, t, obs). Sampling: Euler integration of the learned velocity from t = 0 to 1 in
+``num_steps`` steps, starting from zeros (the mean of a_0; deterministic) or from Gaussian noise.
 Everything is in normalized action/observation space; the task owns the normalizers.
 """
 
@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from dopr.models.flow_ode import flow_matching_loss, integrate
 from dopr.models.unet1d import ConditionalUnet1D
 from dopr.policies.obs_encoder import ObsEncoder
 
@@ -52,12 +52,9 @@ class FlowMatchingPolicy(nn.Module):
         self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         cond = self.obs_encoder(obs)
-        batch = actions.shape[0]
         noise = torch.randn(actions.shape, generator=generator, device=actions.device)
-        t = torch.rand((batch,), generator=generator, device=actions.device)
-        interpolant = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
-        velocity = self.net(interpolant, t, cond)
-        return F.mse_loss(velocity, actions - noise)
+        t = torch.rand((actions.shape[0],), generator=generator, device=actions.device)
+        return flow_matching_loss(self.net, actions, noise, t, cond)
 
     @torch.no_grad()
     def predict(
@@ -74,8 +71,4 @@ class FlowMatchingPolicy(nn.Module):
             x = torch.zeros(shape, device=cond.device)
         else:
             x = torch.randn(shape, generator=generator, device=cond.device)
-        dt = 1.0 / num_steps
-        for k in range(num_steps):
-            t = torch.full((shape[0],), k * dt, device=cond.device)
-            x = x + dt * self.net(x, t, cond)
-        return x
+        return integrate(self.net, x, num_steps, "euler", cond)
