@@ -52,7 +52,7 @@ def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str, datase
     from minari import create_dataset_from_buffers
     from minari.data_collector.episode_buffer import EpisodeBuffer
 
-    from dopr.experts.linear_policy import load_expert
+    from dopr.envs.linear_expert import load_expert
 
     target = datasets_path / dataset_id
     if target.exists():

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import gymnasium as gym  # noqa: E402
 
 from dopr.cli import is_true, parse_overrides  # noqa: E402
-from dopr.experts.linear_policy import LinearPolicy  # noqa: E402
+from dopr.envs.linear_expert import LinearPolicy  # noqa: E402
 
 # ARS V2-t hyperparameters (Mania et al. 2018, Table 9): directions N, top directions b,
 # step size alpha, exploration noise nu, and the per-step alive bonus removed during training
@@ -138,7 +138,7 @@ def evaluate(env, weight, mean, std, low, high, episodes, max_steps, per_episode
 
 def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str]) -> None:
     """Re-measure a saved expert's return (seeds 10_000 + i) and record it in the checkpoint and returns.json."""
-    from dopr.experts.linear_policy import load_expert
+    from dopr.envs.linear_expert import load_expert
 
     policy = load_expert(checkpoint)
     if policy.meta.get("env_id") not in (None, env_id):

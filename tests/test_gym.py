@@ -20,7 +20,7 @@ import yaml
 
 from dopr.data.minari_data import load_minari_episodes
 from dopr.envs.gym_envs import make_env, rollout_policy
-from dopr.experts.linear_policy import LinearPolicy, load_expert
+from dopr.envs.linear_expert import LinearPolicy, load_expert
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.shift import gaussian_state_shift
 from dopr.tasks.gym_bc import GymBCTask
