@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 from torch import nn
@@ -14,18 +15,7 @@ GP_NAMES = ("adamw", "muon", "signum", "adamuon")
 ALIASES = {"adam": "adamw", "dopr_adam": "dopr_adamw"}
 KNOWN_OPTIMIZERS = tuple(GP_NAMES) + tuple(f"dopr_{n}" for n in GP_NAMES) + tuple(ALIASES)
 
-# Flat hyperparameter names for AP (so Hydra configs and CLI sweeps stay one level deep).
-AP_KEYS = {
-    "damping": "damping",
-    "ap_ema": "ema",
-    "stat_interval": "stat_interval",
-    "inverse_interval": "inverse_interval",
-    "max_rows": "max_rows",
-    "bias_mode": "bias",
-    "ap_warmup_steps": "warmup_steps",
-    "ap_exclude": "exclude",
-    "ap_solver": "solver",
-}
+AP_KEYS = tuple(f.name for f in dataclasses.fields(APConfig))  # the one name of each AP setting
 
 
 def _adamw(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
@@ -60,14 +50,17 @@ def _keys_of(factory) -> set[str]:
     return set(list(inspect.signature(factory).parameters)[1:])
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay: float = 0.0, **hparams) -> DoPr:
+def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay: float = 0.0,
+                    ap: dict | APConfig | None = None, **hparams) -> DoPr:
     """Build ``name`` (see ``KNOWN_OPTIMIZERS``) for ``model``.
 
-    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer (AP keys:
-    damping, ap_ema, stat_interval, inverse_interval, max_rows, bias_mode, ap_warmup_steps,
-    ap_exclude, ap_solver). Matrix GPs (muon, adamuon) send the parameters that ``route_params`` does not call
-    matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas default to lr, weight_decay, (0.9, 0.999)).
-    Raises ValueError on an unknown name, unknown key or bad value.
+    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer, configured
+    by ``ap``: an :class:`APConfig` or a dict of its fields (damping, ema, stat_interval,
+    inverse_interval, max_rows, bias, warmup_steps, exclude, solver), the same names as
+    ``opt.ap.<field>`` on the command line. Matrix GPs (muon, adamuon) send the parameters that
+    ``route_params`` does not call matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas
+    default to lr, weight_decay, (0.9, 0.999)). Raises ValueError on an unknown name, unknown key
+    or bad value.
     """
     key = ALIASES.get(name, name)
     use_ap = key.startswith("dopr_")
@@ -79,16 +72,26 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise ValueError(f"{name}: weight_decay must be a number >= 0, got {weight_decay!r}")
 
-    ap_args = {AP_KEYS[k]: hparams.pop(k) for k in list(hparams) if k in AP_KEYS}
-    if ap_args and not use_ap:
-        raise ValueError(f"{name}: {sorted(ap_args)} only apply with activation preconditioning (use dopr_{gp})")
+    misplaced = sorted(set(hparams) & set(AP_KEYS))
+    if misplaced:
+        raise ValueError(f"{name}: {misplaced} are activation-preconditioning settings; pass them as "
+                         f"ap={{{', '.join(repr(k) + ': ...' for k in misplaced)}}} (opt.ap.<key> on the command line)")
+    if ap is not None and not use_ap:
+        raise ValueError(f"{name}: ap settings only apply with activation preconditioning (use dopr_{gp})")
+    if isinstance(ap, APConfig):
+        ap_config = ap
+    else:
+        unknown_ap = sorted(set(ap or {}) - set(AP_KEYS))
+        if unknown_ap:
+            raise ValueError(f"{name}: unknown ap settings {unknown_ap}; known: {list(AP_KEYS)}")
+        ap_config = APConfig(**(ap or {})) if use_ap else None
     side = {k: hparams.pop(k) for k in list(hparams) if k in _SIDE_KEYS}
     if side and gp not in _MATRIX_GPS:
         raise ValueError(f"{name}: {sorted(side)} only apply to the matrix GPs {sorted(_MATRIX_GPS)}")
     allowed = _keys_of(_FACTORIES[gp]) - {"lr", "weight_decay"}
     unknown = set(hparams) - allowed
     if unknown:
-        known = sorted(allowed | {"lr", "weight_decay"} | (set(AP_KEYS) if use_ap else set())
+        known = sorted(allowed | {"lr", "weight_decay"} | ({"ap"} if use_ap else set())
                        | (set(_SIDE_KEYS) if gp in _MATRIX_GPS else set()))
         raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {known}")
 
@@ -109,5 +112,5 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
     preconditioner = None
     if use_ap:
         params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-        preconditioner = ActivationPreconditioner(model, APConfig(**ap_args), params=params)
+        preconditioner = ActivationPreconditioner(model, ap_config, params=params)
     return DoPr(optimizers, preconditioner)

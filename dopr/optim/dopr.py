@@ -62,6 +62,13 @@ class DoPr(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the inner optimizers' gradients and drop AP statistics of a step not taken.
+
+        After ``step()`` there are none to drop; after a skipped step (non-finite loss after
+        backward, abandoned accumulation) the rows would otherwise leak into the next step.
+        """
+        if self.preconditioner is not None:
+            self.preconditioner.discard_statistics()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -18,10 +18,14 @@ from torch.optim import Optimizer
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic Newton-Schulz coefficients
 
 
-def ns_dtype_for(device: torch.device, ns_dtype: str = "auto") -> torch.dtype:
+def ns_dtype_for(param: torch.Tensor, ns_dtype: str = "auto") -> torch.dtype:
+    """Newton-Schulz precision: "auto" is bf16 on CUDA and the parameter's own precision (at
+    least fp32) elsewhere, so a float64 model orthogonalizes in float64."""
     if ns_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[ns_dtype]
+        if param.device.type == "cuda":
+            return torch.bfloat16
+        return torch.promote_types(param.dtype, torch.float32)
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}[ns_dtype]
 
 
 def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.bfloat16) -> torch.Tensor:
@@ -81,8 +85,8 @@ def _check(name: str, lr: float, weight_decay: float, ns_steps: int, ns_dtype: s
         raise ValueError(f"{name}: lr must be > 0, got {lr}")
     if weight_decay < 0 or ns_steps < 1:
         raise ValueError(f"{name}: weight_decay must be >= 0 and ns_steps >= 1")
-    if ns_dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"{name}: ns_dtype must be auto, bfloat16 or float32, got {ns_dtype!r}")
+    if ns_dtype not in ("auto", "bfloat16", "float32", "float64"):
+        raise ValueError(f"{name}: ns_dtype must be auto, bfloat16, float32 or float64, got {ns_dtype!r}")
 
 
 def _check_matrices(name: str, groups) -> None:
@@ -125,7 +129,7 @@ class Muon(Optimizer):
                 buf = state["momentum"]
                 buf.lerp_(G, 1 - beta)
                 U = G.lerp(buf, beta) if group["nesterov"] else buf
-                O = newton_schulz5(U, steps=group["ns_steps"], dtype=ns_dtype_for(p.device, group["ns_dtype"]))
+                O = newton_schulz5(U, steps=group["ns_steps"], dtype=ns_dtype_for(p, group["ns_dtype"]))
                 scale = 0.2 * math.sqrt(max(O.shape))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(O.reshape(p.shape), alpha=-group["lr"] * scale)
@@ -165,7 +169,7 @@ class AdaMuon(Optimizer):
                     state["variance"] = torch.zeros_like(G)
                 M, V = state["momentum"], state["variance"]
                 M.lerp_(G, 1 - b1)
-                O = newton_schulz5(torch.sign(M), steps=group["ns_steps"], dtype=ns_dtype_for(p.device, group["ns_dtype"]))
+                O = newton_schulz5(torch.sign(M), steps=group["ns_steps"], dtype=ns_dtype_for(p, group["ns_dtype"]))
                 V.mul_(b2).addcmul_(O, O, value=1 - b2)
                 O_hat = O / (V.sqrt() + group["eps"])
                 update = O_hat * (0.2 * math.sqrt(O.numel()) / (O_hat.norm() + group["eps"]))

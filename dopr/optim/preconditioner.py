@@ -7,19 +7,29 @@ For every supported layer with weight gradient G (d_out x d_in) and inputs z (n 
     G <- G P                                        (before any gradient preconditioner sees it)
 
 When S is the current batch's (no EMA, refreshed every step) and the batch has fewer rows than
-the layer has inputs, the same G P is cheaper in batch space (Woodbury, mu = damping tr(S)/d):
+the layer has inputs, the same G P can be cheaper in batch space (Woodbury, mu = damping tr(S)/d):
 
     G P = (G - (G z^T) (n mu I + z z^T)^-1 z) / mu   (an n x n Cholesky instead of d x d)
 
-``APConfig.solver`` picks per layer and step by flop count ("auto"), or forces "primal".
+That formula subtracts nearly equal terms, so in fp32 its error grows like kappa(S + mu I)^2; it is
+evaluated in float64 and rounded once (scripts/ap_accuracy.py measures every candidate form).
+``APConfig.solver`` picks per layer and step by cost ("auto": flops, float64 weighted by the
+device's float64 rate), or forces "primal". Every path returns G P within kappa * eps_fp32 of
+float64 dense math, and AP's own products run at full fp32 precision even when the user enabled
+TF32 or autocast.
 
-Statistics are recorded by forward pre-hooks, only in training-mode passes with grad enabled, so
-validation passes and rollouts never touch them. Micro-batches of one step are summed (gradient
-accumulation), and under torch.distributed the sums are all-reduced in one bucket before use.
+Statistics belong to one optimizer step. A forward hook (training mode, grad enabled) marks the
+layer input; the rows are committed to the step when that forward's backward reaches the layer
+(a hook on the layer output's gradient), so a forward whose loss is never backpropagated (a
+skipped non-finite loss, a rollout in train mode) adds nothing. ``discard_statistics()`` (which
+``DoPr.zero_grad()`` calls) drops committed rows of a step that was abandoned. Micro-batches of
+one step are summed (gradient accumulation), and under torch.distributed the sums are all-reduced
+in one bucket before use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
@@ -37,6 +47,44 @@ SOLVERS = ("auto", "primal")
 # The batch-space path must beat the d x d one by this factor in flops: its triangular solves and
 # skinny matmuls run below GEMM speed.
 DUAL_FLOP_MARGIN = 0.75
+# Float64 flops cost this many fp32 flops: CPUs and datacenter GPUs (P100, V100, A100, H100, B200)
+# run float64 at half the fp32 rate or better; other GPUs at 1/32..1/64.
+FP64_COST_CPU = 2.0
+FP64_COST_GPU_FULL_RATE = 2.0
+FP64_COST_GPU_OTHER = 32.0
+_FULL_RATE_FP64_CAPABILITIES = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+def fp64_cost(device: torch.device) -> float:
+    """How many fp32 flops one float64 flop costs on ``device`` (for the batch-space cost model)."""
+    if device.type != "cuda":
+        return FP64_COST_CPU
+    capability = torch.cuda.get_device_capability(device)
+    return FP64_COST_GPU_FULL_RATE if capability in _FULL_RATE_FP64_CAPABILITIES else FP64_COST_GPU_OTHER
+
+
+@contextlib.contextmanager
+def full_fp32_precision():
+    """Run AP's products at full fp32 precision: TF32 (cuBLAS), bf16 (oneDNN) and autocast off.
+
+    Uses torch's per-backend ``fp32_precision`` switches and restores them, so a user's setting
+    (``allow_tf32``, ``set_float32_matmul_precision``, or the new API) is untouched afterwards.
+    """
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    saved = [(b, b.fp32_precision) for b in backends]
+    try:
+        for backend, value in saved:
+            if value != "ieee":
+                backend.fp32_precision = "ieee"
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        for backend, value in saved:
+            if backend.fp32_precision != value:
+                backend.fp32_precision = value
 
 
 @dataclass
@@ -75,6 +123,14 @@ class APConfig:
                 raise ValueError(f"APConfig: {message} (got {self})")
 
 
+@dataclass
+class _ForwardRecord:
+    """One training forward's layer input, waiting for its backward to commit it."""
+
+    x: torch.Tensor | None
+    step: int
+
+
 class _LayerStats:
     """Statistics, inverse and gradient plumbing of one supported layer."""
 
@@ -91,6 +147,7 @@ class _LayerStats:
         self.rows = 0
         # Rows kept (not yet reduced to z^T z) while the batch-space path may still be the cheaper one.
         self.kept: list[torch.Tensor] = []
+        self.awaiting: list[_ForwardRecord] = []  # this step's forwards whose backward has not run yet
         self.S: torch.Tensor | None = None
         self.P: torch.Tensor | None = None
 
@@ -113,14 +170,15 @@ class _LayerStats:
         patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, d_in, L)
         return patches.transpose(1, 2).reshape(-1, self.in_dim)
 
-    def record(self, x: torch.Tensor, max_rows: int | None, step: int, keep_rows: bool = False) -> None:
-        z = self.input_rows(x.detach())
+    def commit(self, x: torch.Tensor, max_rows: int | None, step: int, keep_rows: bool = False) -> None:
+        """Add one forward's input rows to this step's statistics (called when its backward runs)."""
+        z = self.input_rows(x)
         if max_rows is not None and z.shape[0] > max_rows:
             stride = math.ceil(z.shape[0] / max_rows)
             z = z[step % stride :: stride]  # strided view: cheap and deterministic
         z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 inputs accumulate in fp32
         if keep_rows and self.rows + z.shape[0] < self.dim:
-            # Usually the very tensor autograd already saved for backward: no extra memory.
+            # Usually the very tensor autograd saved for backward: no extra memory.
             self.kept.append(z)
             self.rows += z.shape[0]
             return
@@ -156,6 +214,7 @@ class _LayerStats:
         return S
 
     def reset(self) -> None:
+        """Drop this step's statistics (committed rows and sums); S and P stay."""
         self.kept = []
         if self.xtx is not None:
             self.xtx.zero_()
@@ -180,12 +239,14 @@ class _LayerStats:
 
     # -- batch-space (Woodbury) path -------------------------------------------------------------
     def batch_space_cheaper(self) -> bool:
-        """Whether the n x n path costs fewer flops than statistics + d x d inverse + G P."""
+        """Whether the float64 n x n path costs less than fp32 statistics + d x d inverse + G P."""
         n, d, d_out = self.rows, self.dim, self.weight.shape[0]
         if not self.kept or n == 0:
             return False
         primal = n * d * d + d**3 + d_out * d * d
         dual = n * n * d + n**3 / 3 + 2 * d_out * d * n + n * n * d_out
+        if self.kept[0].dtype != torch.float64:
+            dual *= fp64_cost(self.kept[0].device)
         return dual < DUAL_FLOP_MARGIN * primal
 
     def kept_rows(self) -> torch.Tensor:
@@ -276,22 +337,57 @@ class ActivationPreconditioner:
                 continue
             layer = _LayerStats(name, module, self.config.bias == "augment", len(self.layers))
             self.layers.append(layer)
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
         self.steps = 0  # completed optimizer steps
         self._keep_rows = self.config.batch_space_allowed()
         self._pending_sync = None  # (bucket, work handle) of an all-reduce launched before backward
+        self._warned_non_finite = False
 
     # -- hooks -----------------------------------------------------------------------------------
     def _recording(self) -> bool:
         return self.steps % self.config.stat_interval == 0
 
     def _make_hook(self, layer: _LayerStats):
-        def hook(module, args):
-            # Only the optimized step's own forward passes count: no eval passes, no no_grad rollouts.
-            if module.training and torch.is_grad_enabled() and args and self._recording():
-                layer.record(args[0], self.config.max_rows, self.steps, keep_rows=self._keep_rows)
+        def hook(module, args, output):
+            # Only the optimized step's own passes count: no eval passes, no no_grad rollouts, and
+            # (through the gradient hook) no forward whose loss is never backpropagated.
+            if not (module.training and torch.is_grad_enabled() and args and self._recording()):
+                return
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            record = _ForwardRecord(args[0].detach(), self.steps)
+            layer.awaiting.append(record)
+            output.register_hook(lambda grad: self._commit(layer, record))
 
         return hook
+
+    def _commit(self, layer: _LayerStats, record: "_ForwardRecord") -> None:
+        if record.x is None:  # already committed (start_statistics_sync) or dropped by step()
+            return
+        x, record.x = record.x, None  # release the input once it is folded in
+        with torch.no_grad(), full_fp32_precision():
+            layer.commit(x, self.config.max_rows, record.step, keep_rows=self._keep_rows)
+
+    def _commit_awaiting(self) -> None:
+        """Treat every forward still awaiting its backward as part of this step (DDP overlap)."""
+        for layer in self.layers:
+            for record in layer.awaiting:
+                self._commit(layer, record)
+
+    def discard_statistics(self) -> None:
+        """Drop the statistics committed since the last ``step()`` (an abandoned or skipped step).
+
+        ``DoPr.zero_grad()`` calls it, so a loop that skips ``step()`` (a non-finite loss after
+        backward, a GradScaler overflow, an abandoned accumulation) and zeroes the gradients
+        starts the next step clean. Forwards still awaiting their backward are kept, so the
+        ``forward; zero_grad(); backward(); step()`` order works too. S and P are untouched.
+        """
+        for layer in self.layers:
+            layer.awaiting = [r for r in layer.awaiting if r.x is not None]
+            layer.reset()
+        if self._pending_sync is not None:  # a launched collective must complete on every rank
+            self._pending_sync[1].wait()
+            self._pending_sync = None
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -302,6 +398,16 @@ class ActivationPreconditioner:
     @torch.no_grad()
     def step(self) -> None:
         """Turn this step's statistics into inverses (when due) and rewrite the gradients."""
+        with full_fp32_precision():
+            self._step()
+        for layer in self.layers:
+            # Forwards whose backward never ran (a skipped loss) end with their step.
+            for record in layer.awaiting:
+                record.x = None
+            layer.awaiting = []
+        self.steps += 1
+
+    def _step(self) -> None:
         cfg = self.config
         batch_space = []
         if self._recording():
@@ -321,6 +427,9 @@ class ActivationPreconditioner:
                 if layer.rows == 0 or layer in batch_space:
                     continue
                 S_batch = layer.batch_second_moment()
+                if not bool(torch.isfinite(S_batch.sum())):
+                    self._warn_non_finite(layer)
+                    continue  # never enters S or its EMA; the layer keeps its last inverse
                 if cfg.ema > 0 and layer.S is not None:
                     layer.S.mul_(cfg.ema).add_(S_batch, alpha=1 - cfg.ema)
                 else:
@@ -336,18 +445,25 @@ class ActivationPreconditioner:
                 if G is None or layer.P is None or layer in batch_space:
                     continue
                 layer.set_grad_matrix(G.to(layer.P.dtype) @ layer.P)
-        self.steps += 1
+
+    def _warn_non_finite(self, layer: _LayerStats) -> None:
+        if not self._warned_non_finite:
+            warnings.warn(f"AP: non-finite layer inputs at step {self.steps} (first: {layer.name!r}); that step's "
+                          "statistics are skipped and the layer keeps its last inverse (warned once)")
+            self._warned_non_finite = True
 
     def _batch_space_step(self, layers: list[_LayerStats]) -> None:
         """G P = (G - (G z^T)(n mu I + z z^T)^-1 z) / mu, one batched n x n Cholesky per row count.
 
-        A layer whose factorization fails falls back to the d x d path (same math, robust inverse).
+        Evaluated in float64 and rounded once: in fp32 the subtraction of nearly equal terms loses
+        accuracy as kappa(S + mu I)^2 (scripts/ap_accuracy.py). A layer whose factorization fails
+        falls back to the d x d path (same math, robust inverse).
         """
         by_rows: dict[tuple, list[tuple[_LayerStats, torch.Tensor]]] = {}
         for layer in layers:
-            Z = layer.kept_rows()
-            by_rows.setdefault((Z.shape[0], Z.device, Z.dtype), []).append((layer, Z))
-        for (n, _, _), group in by_rows.items():
+            Z = layer.kept_rows().double()
+            by_rows.setdefault((Z.shape[0], Z.device), []).append((layer, Z))
+        for (n, _), group in by_rows.items():
             K = torch.stack([layer.gram(Z) for layer, Z in group])
             mu = self.config.damping * torch.diagonal(K, dim1=-2, dim2=-1).sum(-1) / (n * K.new_tensor([l.dim for l, _ in group]))
             eye = torch.eye(n, device=K.device, dtype=K.dtype)
@@ -355,15 +471,16 @@ class ActivationPreconditioner:
             # An explicit n x n inverse then one GEMM beats triangular solves with d_out right-hand sides on CPU.
             K_inv = torch.cholesky_inverse(L) if bool((info == 0).all()) else None
             for i, (layer, Z) in enumerate(group):
-                G = layer.grad_matrix().to(Z.dtype)
-                GZt = G[:, : layer.in_dim] @ Z.T
+                G = layer.grad_matrix()
+                G64 = G.to(torch.float64, copy=True)  # M is built in place
+                GZt = G64[:, : layer.in_dim] @ Z.T
                 if layer.bias is not None:
-                    GZt += G[:, -1:]  # the ones column of the augmented rows
+                    GZt += G64[:, -1:]  # the ones column of the augmented rows
                 M = None
                 if info[i] == 0 and mu[i] > 0:
                     # (G z^T)(n mu I + z z^T)^-1, d_out x n
                     B = GZt @ K_inv[i] if K_inv is not None else torch.cholesky_solve(GZt.T, L[i]).T
-                    M = G.clone()
+                    M = G64
                     M[:, : layer.in_dim] -= B @ Z
                     if layer.bias is not None:
                         M[:, -1] -= B.sum(1)
@@ -371,8 +488,8 @@ class ActivationPreconditioner:
                 if M is None or not torch.isfinite(M.sum()):
                     layer.reduce_kept()
                     P = damped_inverse(layer.batch_second_moment()[None], self.config.damping)[0]
-                    M = G @ P
-                layer.set_grad_matrix(M)
+                    M = G.to(P.dtype) @ P
+                layer.set_grad_matrix(M.to(G.dtype))
 
     def _refresh_inverses(self) -> None:
         k = self.config.inverse_interval
@@ -407,19 +524,24 @@ class ActivationPreconditioner:
     def start_statistics_sync(self) -> None:
         """Launch this step's statistics all-reduce now, so it runs while backward does.
 
-        Call it after the step's last forward pass and before ``backward()``; ``step()`` waits for
-        it. Without the call, ``step()`` all-reduces synchronously. A no-op on one process and on
+        Call it after the step's last forward pass and before ``backward()``: it commits every
+        training forward since the last step as this step's, and ``step()`` waits for it.
+        Without the call, ``step()`` all-reduces synchronously. A no-op on one process and on
         steps that record no statistics.
         """
         if _world()[0] > 1 and self._recording() and self._pending_sync is None:
-            bucket = self._pack_statistics()
-            self._pending_sync = (bucket, dist.all_reduce(bucket, async_op=True))
+            self._commit_awaiting()  # their backward is about to run
+            self._launch_sync()
+
+    def _launch_sync(self) -> None:
+        bucket = self._pack_statistics()
+        self._pending_sync = (bucket, dist.all_reduce(bucket, async_op=True))
 
     def _all_reduce(self) -> None:
         if _world()[0] == 1:
             return
         if self._pending_sync is None:
-            self.start_statistics_sync()
+            self._launch_sync()
         bucket, handle = self._pending_sync
         self._pending_sync = None
         handle.wait()

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 common="experiment=gym_fig7 hydra/launcher=local seed=0,1,2,3,4 opt.lr=3e-3"
 python run.py -m $common opt=muon,dopr_muon hydra.sweep.dir=multirun/gym_cheap/default
-python run.py -m $common opt=dopr_muon opt.max_rows=64 hydra.sweep.dir=multirun/gym_cheap/rows64
-python run.py -m $common opt=dopr_muon opt.stat_interval=10 opt.inverse_interval=10 hydra.sweep.dir=multirun/gym_cheap/every10
-python scripts/aggregate.py multirun/gym_cheap --group opt.name opt.max_rows opt.stat_interval --out results/gym/cheap
+python run.py -m $common opt=dopr_muon opt.ap.max_rows=64 hydra.sweep.dir=multirun/gym_cheap/rows64
+python run.py -m $common opt=dopr_muon opt.ap.stat_interval=10 opt.ap.inverse_interval=10 hydra.sweep.dir=multirun/gym_cheap/every10
+python scripts/aggregate.py multirun/gym_cheap --group opt.name opt.ap.max_rows opt.ap.stat_interval --out results/gym/cheap

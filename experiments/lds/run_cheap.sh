@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 common="task=lds opt=dopr_adamw logger=none trainer.progress=false seed=0,1,2,3,4"
-python run.py -m $common opt.stat_interval=10 opt.inverse_interval=10 hydra.sweep.dir=multirun/lds_cheap/every10
-python run.py -m $common opt.ap_ema=0.95 opt.inverse_interval=10 hydra.sweep.dir=multirun/lds_cheap/ema_inv10
-python run.py -m $common opt.max_rows=16 hydra.sweep.dir=multirun/lds_cheap/rows16
+python run.py -m $common opt.ap.stat_interval=10 opt.ap.inverse_interval=10 hydra.sweep.dir=multirun/lds_cheap/every10
+python run.py -m $common opt.ap.ema=0.95 opt.ap.inverse_interval=10 hydra.sweep.dir=multirun/lds_cheap/ema_inv10
+python run.py -m $common opt.ap.max_rows=16 hydra.sweep.dir=multirun/lds_cheap/rows16
 cp -r multirun/lds_study/. multirun/lds_cheap/default/
-python scripts/aggregate.py multirun/lds_cheap --group opt.name opt.stat_interval opt.inverse_interval opt.ap_ema opt.max_rows --out results/lds/cheap
+python scripts/aggregate.py multirun/lds_cheap --group opt.name opt.ap.stat_interval opt.ap.inverse_interval opt.ap.ema opt.ap.max_rows --out results/lds/cheap

@@ -1,0 +1,258 @@
+"""Every AP path returns G P within kappa(S + mu I) * eps_fp32 of float64 dense math, for fp32 inputs.
+
+The bound is what a backward-stable solve gives (relative Frobenius error of the AP gradient); the
+float64 reference is computed here, from the rows each layer really saw, so nothing depends on the
+machine. Inputs are ill-conditioned on purpose: column scales spread from 1 down to 1e-2..1e-4,
+with damping 1e-3 of tr(S)/d, and batches with fewer rows than inputs (the batch-space path) and
+more (the d x d path).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from dopr.optim import ActivationPreconditioner, APConfig
+
+EPS32 = torch.finfo(torch.float32).eps
+SPREADS = (1e-2, 1e-3, 1e-4)
+DAMPING = 1e-3
+
+
+def spread_inputs(shape, spread, channel_dim, generator):
+    """Gaussian inputs whose channels' scales are log-spaced from 1 down to ``spread``."""
+    scales = torch.logspace(0, math.log10(spread), shape[channel_dim])
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    return torch.randn(*shape, generator=generator) * scales.view(view)
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight multiplies, from the input it saw (float64)."""
+    x = x.double()
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    if isinstance(module, nn.Conv1d):
+        x = F.pad(x, (module.padding[0], module.padding[0])).unsqueeze(2)
+        patches = F.unfold(x, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0]))
+    else:
+        x = F.pad(x, (module.padding[1], module.padding[1], module.padding[0], module.padding[0]))
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+class Reference:
+    """Float64 AP of one layer, following APConfig's schedule (EMA, intervals, rows, warmup)."""
+
+    def __init__(self, config: APConfig):
+        self.config, self.S, self.P, self.kappa = config, None, None, None
+
+    def step(self, step: int, Z: torch.Tensor, G: torch.Tensor, index: int = 0):
+        cfg = self.config
+        if step % cfg.stat_interval == 0:
+            if cfg.max_rows is not None and Z.shape[0] > cfg.max_rows:
+                stride = math.ceil(Z.shape[0] / cfg.max_rows)
+                Z = Z[step % stride :: stride]
+            S_batch = Z.T @ Z / Z.shape[0]
+            self.S = S_batch if (cfg.ema == 0 or self.S is None) else cfg.ema * self.S + (1 - cfg.ema) * S_batch
+        if self.P is None or (step + index) % cfg.inverse_interval == 0:
+            d = self.S.shape[0]
+            A = self.S + cfg.damping * torch.trace(self.S) / d * torch.eye(d, dtype=torch.float64, device=self.S.device)
+            eig = torch.linalg.eigvalsh(A)
+            self.P, self.kappa = torch.linalg.inv(A), (eig[-1] / eig[0]).item()
+        if step < cfg.warmup_steps:
+            return G
+        return G @ self.P
+
+
+def full_grad(layer_module, augment):
+    G = layer_module.weight.grad.reshape(layer_module.weight.shape[0], -1)
+    if augment:
+        G = torch.cat([G, layer_module.bias.grad[:, None]], 1)
+    return G.double()
+
+
+def check_model(model, make_input, config, steps=3, expect_batch_space=None, seed=0):
+    """Train ``steps`` steps with a random linear loss; compare every AP layer with float64 math."""
+    g = torch.Generator().manual_seed(seed)
+    ap = ActivationPreconditioner(model, config)
+    inputs = {}
+    handles = [layer.module.register_forward_hook(lambda m, a, o: inputs.__setitem__(m, a[0].detach()))
+               for layer in ap.layers]
+    refs = {layer.name: Reference(config) for layer in ap.layers}
+    worst = 0.0
+    for step in range(steps):
+        model.zero_grad()
+        out = model(make_input(g))
+        (out * torch.randn(out.shape, generator=g).to(out.device)).sum().backward()
+        augment = {layer.name: layer.bias is not None for layer in ap.layers}
+        raw = {layer.name: full_grad(layer.module, augment[layer.name]) for layer in ap.layers}
+        rows = {}
+        for layer in ap.layers:
+            Z = layer_rows(layer.module, inputs[layer.module])
+            rows[layer.name] = torch.cat([Z, Z.new_ones(len(Z), 1)], 1) if augment[layer.name] else Z
+        if expect_batch_space is not None:
+            kept = [bool(layer.kept) and layer.batch_space_cheaper() for layer in ap.layers]
+            assert all(k == expect_batch_space for k in kept), kept
+        ap.step()
+        for layer in ap.layers:
+            exact = refs[layer.name].step(step, rows[layer.name], raw[layer.name], layer.index)
+            got = full_grad(layer.module, augment[layer.name])
+            error = ((got - exact).norm() / exact.norm()).item()
+            bound = refs[layer.name].kappa * EPS32
+            assert error <= bound, (layer.name, step, error, bound, error / bound)
+            worst = max(worst, error / bound)
+    for h in handles:
+        h.remove()
+    return worst
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+@pytest.mark.parametrize("rows,expect_batch_space", [(12, True), (300, False)])
+@pytest.mark.parametrize("bias", ["augment", "gp"])
+def test_linear_default_path(spread, rows, expect_batch_space, bias):
+    torch.manual_seed(0)
+    model = nn.Linear(96, 24, bias=True)
+    check_model(model, lambda g: spread_inputs((rows, 96), spread, 1, g), APConfig(damping=DAMPING, bias=bias),
+                expect_batch_space=expect_batch_space)
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+def test_linear_forced_primal_path(spread):
+    torch.manual_seed(0)
+    check_model(nn.Linear(96, 24), lambda g: spread_inputs((12, 96), spread, 1, g),
+                APConfig(damping=DAMPING, solver="primal"), expect_batch_space=False)
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+@pytest.mark.parametrize("options", [dict(ema=0.9), dict(inverse_interval=2), dict(stat_interval=2),
+                                     dict(max_rows=50), dict(warmup_steps=1), dict(ema=0.5, inverse_interval=3)])
+def test_schedules_and_subsampling(spread, options):
+    torch.manual_seed(1)
+    check_model(nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 8)),
+                lambda g: spread_inputs((200, 40), spread, 1, g), APConfig(damping=DAMPING, **options), steps=5)
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_conv1d_and_conv2d(spread, batch):
+    torch.manual_seed(2)
+    conv1 = nn.Conv1d(6, 5, kernel_size=3, padding=1)
+    check_model(conv1, lambda g: spread_inputs((batch, 6, 11), spread, 1, g), APConfig(damping=DAMPING))
+    conv2 = nn.Conv2d(4, 3, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
+    check_model(conv2, lambda g: spread_inputs((batch, 4, 7, 6), spread, 1, g), APConfig(damping=DAMPING))
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+def test_lora_adapters(spread):
+    peft = pytest.importorskip("peft")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(48, 16)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(3)
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=4, target_modules=["proj"], lora_dropout=0.0,
+                                                        init_lora_weights=False))
+    for rows in (10, 200):
+        check_model(model, lambda g: spread_inputs((rows, 48), spread, 1, g), APConfig(damping=DAMPING))
+
+
+def test_the_bound_catches_the_fp32_woodbury_formula():
+    """The test has teeth: the plain-fp32 batch-space formula (the former default) breaks the bound."""
+    g = torch.Generator().manual_seed(0)
+    Z = spread_inputs((12, 96), 1e-4, 1, g)
+    G = torch.randn(24, 12, generator=g) @ Z
+    n, d = Z.shape
+    S64 = Z.double().T @ Z.double() / n
+    mu = DAMPING * torch.trace(S64).item() / d
+    A = S64 + mu * torch.eye(d, dtype=torch.float64)
+    eig = torch.linalg.eigvalsh(A)
+    exact = G.double() @ torch.linalg.inv(A)
+    K = Z @ Z.T + n * mu * torch.eye(n)
+    fp32 = (G - ((G @ Z.T) @ torch.linalg.inv(K)) @ Z) / mu
+    error = ((fp32.double() - exact).norm() / exact.norm()).item()
+    assert error > (eig[-1] / eig[0]).item() * EPS32
+
+
+def _gloo_worker(rank, world, port, x, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], 6)
+    ap = ActivationPreconditioner(model, APConfig(damping=DAMPING))
+    out = model(x.chunk(world)[rank])
+    out.pow(2).sum().backward()
+    for p in model.parameters():  # DDP's gradient average, by hand: G of the whole batch
+        dist.all_reduce(p.grad)
+    raw = full_grad(model, True)
+    ap.step()
+    torch.save({"raw": raw, "new": full_grad(model, True)}, os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spread", [1e-4])
+def test_distributed_statistics(tmp_path, spread):
+    """Two gloo processes, fewer rows per rank than inputs: all-reduced statistics, same bound."""
+    x = spread_inputs((16, 40), spread, 1, torch.Generator().manual_seed(5))
+    port = 29700 + os.getpid() % 1000
+    mp.spawn(_gloo_worker, args=(2, port, x, str(tmp_path)), nprocs=2, join=True)
+    Z = torch.cat([x.double(), torch.ones(16, 1, dtype=torch.float64)], 1)
+    ref = Reference(APConfig(damping=DAMPING))
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        exact = ref.step(0, Z, saved["raw"])
+        error = ((saved["new"] - exact).norm() / exact.norm()).item()
+        assert error <= ref.kappa * EPS32, (rank, error, ref.kappa * EPS32)
+
+
+def _matmul_error() -> float:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 128, generator=g), torch.randn(128, 128, generator=g)
+    exact = a.double() @ b.double()
+    return ((a @ b).double() - exact).norm().item() / exact.norm().item()
+
+
+@pytest.mark.parametrize("rows", [12, 300])
+def test_reduced_precision_settings_do_not_reach_ap_on_cpu(rows):
+    """A user who lets oneDNN run fp32 matmuls in bf16, and steps inside autocast, still gets exact AP."""
+    backend = torch.backends.mkldnn.matmul
+    saved = backend.fp32_precision
+    try:
+        backend.fp32_precision = "bf16"
+        if _matmul_error() < 1e-5:
+            pytest.skip("this CPU has no bf16 matmul path: the setting changes nothing here")
+        torch.manual_seed(0)
+        model = nn.Linear(96, 24)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            check_model(model, lambda g: spread_inputs((rows, 96), 1e-3, 1, g).float(), APConfig(damping=DAMPING))
+        assert backend.fp32_precision == "bf16"  # the user's setting is restored
+        assert _matmul_error() > 1e-5
+    finally:
+        backend.fp32_precision = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [12, 300])
+def test_tf32_and_autocast_do_not_reach_ap_on_cuda(rows):
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.manual_seed(0)
+        model = nn.Linear(96, 24).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            check_model(model, lambda g: spread_inputs((rows, 96), 1e-3, 1, g).cuda(), APConfig(damping=DAMPING))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
