@@ -19,7 +19,9 @@ Candidates (n < d: the batch-space forms apply):
 
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,6 +97,14 @@ def pushthrough_fp32(G, Z, Delta, mu):
 CANDIDATES = [primal_fp32, woodbury_fp32, woodbury_nn64, woodbury_refine, woodbury_fp64, pushthrough_fp32]
 
 
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    return f"{cpu}, {platform.machine()}, torch {torch.__version__}, git {sha or 'unknown'}"
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] in ("help", "-h", "--help"):
         print(__doc__)
@@ -108,7 +118,8 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(cfg["threads"])
     n, d, d_out = cfg["n"], cfg["d"], cfg["d_out"]
     lines = [f"# AP gradient accuracy and cost (n={n}, d={d}, d_out={d_out}, damping={DAMPING}, "
-             f"{cfg['threads']} thread(s), torch {torch.__version__})", "",
+             f"{cfg['threads']} thread(s))", "", f"Machine: {machine()}. Command: "
+             f"`python scripts/ap_accuracy.py {' '.join(argv)}`", "",
              "Relative Frobenius error against float64 dense math, in units of kappa(S + mu I) * eps_fp32 "
              "(worst over seeds); time: median ms per call.", "",
              "| candidate | " + " | ".join(f"spread {s:g}" for s in (1e-2, 1e-3, 1e-4)) + " | ms |",

@@ -113,19 +113,23 @@ def check_model(model, make_input, config, steps=3, expect_batch_space=None, see
 
 
 @pytest.mark.parametrize("spread", SPREADS)
-@pytest.mark.parametrize("rows,expect_batch_space", [(12, True), (300, False)])
+# (inputs, rows, outputs, whether the batch-space path is taken); the last is the gym policy's down
+# projection at batch 256, where the former fp32 batch-space path was 4-12 x over the bound.
+@pytest.mark.parametrize("d_in,rows,d_out,expect_batch_space", [(96, 12, 24, True), (96, 300, 24, False),
+                                                                (512, 256, 256, None)])
 @pytest.mark.parametrize("bias", ["augment", "gp"])
-def test_linear_default_path(spread, rows, expect_batch_space, bias):
+def test_linear_default_path(spread, d_in, rows, d_out, expect_batch_space, bias):
     torch.manual_seed(0)
-    model = nn.Linear(96, 24, bias=True)
-    check_model(model, lambda g: spread_inputs((rows, 96), spread, 1, g), APConfig(damping=DAMPING, bias=bias),
-                expect_batch_space=expect_batch_space)
+    model = nn.Linear(d_in, d_out, bias=True)
+    check_model(model, lambda g: spread_inputs((rows, d_in), spread, 1, g), APConfig(damping=DAMPING, bias=bias),
+                expect_batch_space=expect_batch_space, steps=2)
 
 
 @pytest.mark.parametrize("spread", SPREADS)
-def test_linear_forced_primal_path(spread):
+@pytest.mark.parametrize("rows", [12, 300])
+def test_linear_forced_primal_path(spread, rows):
     torch.manual_seed(0)
-    check_model(nn.Linear(96, 24), lambda g: spread_inputs((12, 96), spread, 1, g),
+    check_model(nn.Linear(96, 24), lambda g: spread_inputs((rows, 96), spread, 1, g),
                 APConfig(damping=DAMPING, solver="primal"), expect_batch_space=False)
 
 
