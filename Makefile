@@ -23,6 +23,8 @@ run: install
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
+# Per-step time of each DoPr variant against its base optimizer; ARGS are key=value
+# (e.g. make bench ARGS="threads=1 rounds=10 steps=5 out=results/bench"; ARGS=help lists the keys).
 bench: install
 	$(PY) scripts/bench_optim.py $(ARGS)
 

@@ -7,17 +7,30 @@ A step is forward + backward + optimizer step. Reports the median step time, the
 the worst DoPr step against the base median, and the extra optimizer-state bytes AP holds.
 
     python scripts/bench_optim.py                       # residual-MLP BC policy on CPU
-    python scripts/bench_optim.py --device cuda         # adds a GPT-style block stack (bf16 autocast)
+    python scripts/bench_optim.py device=cuda           # adds a GPT-style block stack (bf16 autocast)
+    python scripts/bench_optim.py threads=1 rounds=10 steps=5 out=results/bench
+
+Keys (key=value, like run.py's overrides):
+    device        cpu or cuda[:i] (default cpu)
+    workloads     [mlp], [gpt] or [mlp,gpt] (default: [mlp] on CPU, [mlp,gpt] on CUDA)
+    rounds        interleaved rounds, each optimizer's order shuffled per round (default 10)
+    steps         timed steps per optimizer per round (default 10)
+    warmup        untimed steps per optimizer before timing (default 5)
+    threads       torch CPU threads (default: torch's own choice)
+    gpt_d_model, gpt_layers, gpt_seq_len, gpt_batch
+                  size of the GPT workload (default 768, 12, 1024, 8)
+    out           folder for the tables (bench_<device>.md) and raw numbers (bench_<device>.json)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,9 +38,11 @@ from torch import nn
 
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.optim import build_optimizer
+from dopr.script_args import parse_script_args
 
+WORKLOADS = ("mlp", "gpt")
 PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]
-CHEAP = dict(stat_interval=10, inverse_interval=10, max_rows=1024)  # statistics and P every 10 steps (staggered), sub-sampled rows
+CHEAP = dict(ap=dict(stat_interval=10, inverse_interval=10, max_rows=1024))  # statistics and P every 10 steps (staggered), sub-sampled rows
 
 
 def mlp_workload(device: str):
@@ -119,17 +134,35 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--gpt", default="768,12,1024,8", help="d_model,layers,seq,batch of the GPT workload")
-    parser.add_argument("--workloads", default=None, help="comma list of mlp,gpt (default: mlp on CPU, mlp,gpt on CUDA)")
-    parser.add_argument("--out", type=Path, default=None, help="write the tables (markdown) and raw numbers (json) here")
-    args = parser.parse_args()
+@dataclass
+class BenchArgs:
+    device: str = "cpu"
+    workloads: list[str] | None = None
+    rounds: int = 10
+    steps: int = 10
+    warmup: int = 5
+    threads: int | None = None
+    gpt_d_model: int = 768
+    gpt_layers: int = 12
+    gpt_seq_len: int = 1024
+    gpt_batch: int = 8
+    out: Path | None = None
+
+    def __post_init__(self):
+        if self.workloads is None:
+            self.workloads = ["mlp", "gpt"] if self.device.startswith("cuda") else ["mlp"]
+        unknown = sorted(set(self.workloads) - set(WORKLOADS))
+        if unknown or not self.workloads:
+            raise ValueError(f"workloads={self.workloads}: choose a non-empty list from {list(WORKLOADS)}")
+        if self.gpt_d_model % 64:
+            raise ValueError(f"gpt_d_model={self.gpt_d_model} must be a multiple of 64 (the attention head size)")
+        for key in ("rounds", "steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+
+def main(argv: list[str]) -> None:
+    args = parse_script_args(argv, BenchArgs, __doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -137,15 +170,12 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name()}"
     names = [(n, (n, {})) for pair in PAIRS for n in pair]
     names += [(f"{d}+cheap", (d, CHEAP)) for _, d in PAIRS]
-    names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap_solver="primal")))]  # without the batch-space path
+    names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap=dict(solver="primal"))))]  # without the batch-space path
     pairs = PAIRS + [(b, f"{d}+cheap") for b, d in PAIRS] + [("adamw", "dopr_adamw+primal")]
-    chosen = (args.workloads or ("mlp,gpt" if args.device.startswith("cuda") else "mlp")).split(",")
-    unknown = set(chosen) - {"mlp", "gpt"}
-    if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}; choose from mlp, gpt")
-    d, n, s, b = (int(v) for v in args.gpt.split(","))
-    builders = {"mlp": lambda: mlp_workload(args.device), "gpt": lambda: gpt_workload(args.device, d, n, s, b)}
-    workloads = [builders[w] for w in chosen]
+    builders = {"mlp": lambda: mlp_workload(args.device),
+                "gpt": lambda: gpt_workload(args.device, args.gpt_d_model, args.gpt_layers, args.gpt_seq_len,
+                                            args.gpt_batch)}
+    workloads = [builders[w] for w in args.workloads]
     report, raw = [f"Machine: {machine}. Cheap settings: {CHEAP}.", ""], {}
     for workload in workloads:
         results = bench(workload, names, args.device, args.rounds, args.steps, args.warmup)
@@ -161,4 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

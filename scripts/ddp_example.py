@@ -2,26 +2,43 @@
 """DoPr under DistributedDataParallel: each rank sees a shard of the batch; AP all-reduces its
 statistics in one bucket, each layer's inverse is computed on one owner rank and broadcast.
 
-    torchrun --nproc_per_node=2 scripts/ddp_example.py                  # CPU (gloo)
-    torchrun --nproc_per_node=8 scripts/ddp_example.py --backend nccl   # one process per GPU
+    torchrun --nproc_per_node=2 scripts/ddp_example.py                 # CPU (gloo)
+    torchrun --nproc_per_node=8 scripts/ddp_example.py backend=nccl    # one process per GPU
+
+torchrun's own flags go before the script; the script's keys (key=value, like run.py's overrides)
+after it:
+    backend     gloo (CPU) or nccl (one GPU per process) (default gloo)
+    steps       training steps (default 200)
+    optimizer   any name build_optimizer knows, e.g. dopr_muon or adamw (default dopr_adamw)
 """
 
-import argparse
 import os
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dopr.optim import build_optimizer
+from dopr.script_args import parse_script_args
+
+BACKENDS = ("gloo", "nccl")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", default="gloo")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--optimizer", default="dopr_adamw")
-    args = parser.parse_args()
+@dataclass
+class DDPExampleArgs:
+    backend: str = "gloo"
+    steps: int = 200
+    optimizer: str = "dopr_adamw"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: choose from {list(BACKENDS)}")
+
+
+def main(argv: list[str]) -> None:
+    args = parse_script_args(argv, DDPExampleArgs, __doc__)
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.backend == "nccl" else "cpu")
@@ -46,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

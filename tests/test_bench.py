@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_gpt_workload_reports_every_pair(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_optim.py"), "--workloads", "gpt", "--gpt", "64,2,16,2",
-                    "--rounds", "1", "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_optim.py"), "workloads=[gpt]", "gpt_d_model=64",
+                    "gpt_layers=2", "gpt_seq_len=16", "gpt_batch=2", "rounds=1", "steps=2", "warmup=1", "threads=1",
+                    f"out={tmp_path}"],
                    check=True, cwd=REPO, capture_output=True, text=True)
     report = json.loads((tmp_path / "bench_cpu.json").read_text())
     (desc, rows), = report["results"].items()
