@@ -1,31 +1,38 @@
 #!/usr/bin/env python
 """Sample quality against ODE step count, per optimizer, from an aggregated flow sweep.
 
-    python scripts/aggregate.py multirun/flow_2d --out results/flow/flow_2d
-    python scripts/plot_flow.py results/flow/flow_2d/runs.csv --out results/flow/flow_2d --floor multirun/flow_2d
+    python scripts/aggregate.py sweep=multirun/flow_2d out=results/flow/flow_2d
+    python scripts/plot_flow.py evals=results/flow/flow_2d/evals.csv floor=multirun/flow_2d
+    python scripts/plot_flow.py evals=<csv> out=<dir> group=opt.name pairs=dopr_adamw:adamw,dopr_muon:muon title="..."
+    python scripts/plot_flow.py help
 
-Reads the tidy ``runs.csv`` written by scripts/aggregate.py (one row per run x eval point), keeps each
-run's last eval point, and writes:
+Reads the tidy ``evals.csv`` written by scripts/aggregate.py (one row per run x eval point), keeps each
+run's last eval point, and writes (to out=, default next to the CSV):
   quality_vs_steps.png   one panel per metric (test/<metric>@k), mean and 95% t-interval over seeds
   steps_table.md/.csv    the same numbers as a table, val/loss included
   paired.md/.csv         DoPr minus its base optimizer per step count, paired over seeds (same seed =
                          same init and minibatches), with a 95% t-interval and a two-sided p-value
-``--floor <sweep dir>`` rebuilds the task from one run's resolved config and draws its
+Means and intervals follow dopr.analysis.stats' rule: NaN is left out, an infinite value makes the
+interval unbounded.
+``floor=<sweep dir>`` rebuilds the task from one run's resolved config and draws its
 ``reference_floor()`` (the metric of a perfect sampler at the same sample size) as a dashed line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from dopr.analysis import mean_interval
+from dopr.cli import parse_overrides
 
 STEP_KEY = re.compile(r"^test/(?P<metric>[a-z]+(?:_[a-z]+)?)@(?P<steps>\d+)$")
 DEFAULT_PAIRS = ("dopr_adamw:adamw", "dopr_muon:muon", "dopr_signum:signum", "dopr_adamuon:adamuon")
@@ -33,13 +40,8 @@ OPT_ORDER = ("adamw", "dopr_adamw", "muon", "dopr_muon", "signum", "dopr_signum"
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return math.nan, math.nan
-    if len(values) == 1:
-        return float(values[0]), math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(half)
+    interval = mean_interval(values)
+    return interval.mean, interval.half_width
 
 
 def step_metrics(columns) -> dict[str, list[tuple[int, str]]]:
@@ -54,7 +56,7 @@ def step_metrics(columns) -> dict[str, list[tuple[int, str]]]:
 
 def last_eval(frame: pd.DataFrame, group: str) -> pd.DataFrame:
     if group not in frame:
-        raise SystemExit(f"runs.csv has no column {group!r}; aggregate with --group {group}")
+        raise SystemExit(f"evals.csv has no column {group!r}; aggregate with group={group}")
     return frame.sort_values("step").groupby("run").tail(1)
 
 
@@ -85,7 +87,8 @@ def paired_table(last: pd.DataFrame, group: str, metrics: dict, pairs: list[str]
         for column in ["val/loss"] + [c for cols in metrics.values() for _, c in cols]:
             diff = a.loc[seeds, column].to_numpy(dtype=float) - b.loc[seeds, column].to_numpy(dtype=float)
             mean, half = mean_ci(diff)
-            spread = np.std(diff) > 1e-9 * max(1.0, float(np.abs(diff).max()))  # else the t-test is undefined
+            finite = diff[np.isfinite(diff)]
+            spread = len(finite) == len(diff) and np.std(diff) > 1e-9 * max(1.0, float(np.abs(diff).max()))
             p_value = float(stats.ttest_1samp(diff, 0.0).pvalue) if spread else math.nan
             rel = mean / float(b.loc[seeds, column].mean())
             rows.append({"pair": f"{treated} - {base}", "key": column, "diff": mean, "ci95": half,
@@ -112,7 +115,7 @@ def reference_floor(sweep_dir: Path) -> dict[str, float]:
 
     summary = next(Path(sweep_dir).rglob("summary.json"), None)
     if summary is None:
-        raise SystemExit(f"--floor {sweep_dir}: no summary.json found to rebuild the task from")
+        raise SystemExit(f"floor={sweep_dir}: no summary.json found to rebuild the task from")
     task = instantiate(json.loads(summary.read_text())["config"]["task"], _convert_="all")
     return task.reference_floor()
 
@@ -158,17 +161,25 @@ def plot(last: pd.DataFrame, group: str, metrics: dict, floor: dict, title: str,
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs_csv", type=Path, help="runs.csv written by scripts/aggregate.py")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: next to runs.csv)")
-    parser.add_argument("--group", default="opt.name")
-    parser.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS), help="treated:base pairs")
-    parser.add_argument("--floor", type=Path, default=None, help="sweep dir to rebuild the task from for its floor")
-    parser.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
+KEYS = {"evals", "out", "group", "pairs", "floor", "title"}
 
-    frame = pd.read_csv(args.runs_csv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print(__doc__)
+        return 0
+    options = parse_overrides(argv)
+    unknown = sorted(set(options) - KEYS)
+    if unknown or "evals" not in options:
+        raise SystemExit(f"usage: evals=<evals.csv> [out=] [group=] [pairs=a:b,c:d] [floor=<sweep dir>] [title=]; "
+                         f"{'unknown key(s) ' + str(unknown) if unknown else 'evals= is required'}")
+    evals_csv = Path(options["evals"])
+    args = SimpleNamespace(evals_csv=evals_csv, out=Path(options["out"]) if "out" in options else None,
+                           group=options.get("group", "opt.name"),
+                           pairs=options["pairs"].split(",") if "pairs" in options else list(DEFAULT_PAIRS),
+                           floor=Path(options["floor"]) if "floor" in options else None, title=options.get("title"))
+    frame = pd.read_csv(args.evals_csv)
     if "status" in frame:  # a run still training (or crashed) would enter with an early eval point
         unfinished = sorted(frame.loc[frame["status"] != "finished", "run"].unique())
         if unfinished:
@@ -177,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     last = last_eval(frame, args.group)
     metrics = step_metrics(frame.columns)
     if not metrics:
-        raise SystemExit(f"{args.runs_csv} has no test/<metric>@<steps> columns; is it a flow sweep?")
-    out = args.out or args.runs_csv.parent
+        raise SystemExit(f"{args.evals_csv} has no test/<metric>@<steps> columns; is it a flow sweep?")
+    out = args.out or args.evals_csv.parent
     out.mkdir(parents=True, exist_ok=True)
 
     table = steps_table(last, args.group, metrics)
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = reference_floor(args.floor) if args.floor else {}
     if floor:
         (out / "floor.json").write_text(json.dumps(floor, indent=2) + "\n")
-    title = args.title or f"{args.runs_csv.parent.name}: sample quality vs step count (last eval, mean ± 95% CI)"
+    title = args.title or f"{args.evals_csv.parent.name}: sample quality vs step count (last eval, mean ± 95% CI)"
     plot(last, args.group, metrics, floor, title, out / "quality_vs_steps.png")
     print((out / "steps_table.md").read_text())
     if len(paired):

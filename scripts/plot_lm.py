@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Validation loss against exact match for an lm_arith sweep (the paper's Figure 10 analog).
 
-    python scripts/plot_lm.py multirun/lm_arith_lr_sweep --out results/lm
+    python scripts/plot_lm.py sweep=multirun/lm_arith_lr_sweep out=results/lm
+    python scripts/plot_lm.py sweep=results/lm/evals.csv out=results/lm     # from the committed evals.csv
+    python scripts/plot_lm.py help
 
-Reads every run's summary.json and metrics.jsonl under the sweep dir and writes to --out:
+Reads every finished run under the sweep dir (summary.json and metrics.jsonl), or an evals.csv written by
+scripts/aggregate.py, and writes to out= (default: the sweep dir, or next to the CSV):
   final_points.csv          one row per run: optimizer, lr, seed, final val/loss and test metrics
   spearman.csv, spearman.md Spearman rank correlation between val/loss and each accuracy, per
-                            optimizer: final points across lr x seed, final points within each lr
-                            (seed-to-seed only), and every eval point
+                            optimizer, with a seeded 95% bootstrap interval over points: final points
+                            across lr x seed, final points within each lr (seed-to-seed only), and
+                            every eval point
   residual_vs_val_loss.{csv,md}  accuracy beyond what val loss predicts, per optimizer (pooled
                             linear fit of accuracy on log10 val loss; mean residual +- 95% CI)
   val_loss_vs_exact_match.png  scatter: greedy and sampled exact match against val/loss
@@ -18,36 +22,25 @@ reliably for AdamW (rho weaker, or positive).
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from dopr.analysis import bootstrap_spearman, mean_interval, read_sweep
+from dopr.cli import parse_overrides
 
 ACCURACIES = ("test/exact_match", "test/exact_match_sampled", "test/exact_match_len4")
 
 
-def load_runs(sweep_dir: Path) -> pd.DataFrame:
-    """One row per (run, eval step) with optimizer name, lr and seed."""
-    rows = []
-    for summary_path in sorted(sweep_dir.rglob("summary.json")):
-        summary = json.loads(summary_path.read_text())
-        config = summary.get("config", {})
-        metrics_path = summary_path.parent / "metrics.jsonl"
-        if not metrics_path.exists():
-            continue
-        meta = {"run": str(summary_path.parent.relative_to(sweep_dir)), "opt": config["opt"]["name"],
-                "lr": config["opt"]["lr"], "seed": config["seed"],
-                "finished": summary.get("status") == "finished"}
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "val/loss" in record and "test/exact_match" in record:
-                rows.append({**record, **meta})  # the record's "lr" is the scheduled lr; keep opt.lr
-    if not rows:
-        raise SystemExit(f"no runs with evaluated metrics under {sweep_dir}")
-    return pd.DataFrame(rows)
+def load_runs(source: Path) -> pd.DataFrame:
+    """One row per (run, evaluation point) with optimizer name, lr and seed, from a sweep dir or evals.csv."""
+    evals = read_sweep(source).evals
+    if "test/exact_match" not in evals:
+        raise SystemExit(f"sweep={source}: no test/exact_match; is it an lm_arith sweep?")
+    evals = evals.dropna(subset=["val/loss", "test/exact_match"])
+    return evals.rename(columns={"opt.name": "opt", "opt.lr": "lr"}).reset_index(drop=True)
 
 
 def spearman_table(points: pd.DataFrame, label: str, within_lr: bool = False) -> list[dict]:
@@ -68,9 +61,9 @@ def spearman_table(points: pd.DataFrame, label: str, within_lr: bool = False) ->
         for metric in ACCURACIES:
             if metric not in group:
                 continue
-            rho, p = stats.spearmanr(group["val/loss"], group[metric])
-            out.append({"points": label, "opt": opt, "accuracy": metric, "n": len(group),
-                        "spearman_rho": float(rho), "p_value": float(p)})
+            result = bootstrap_spearman(group["val/loss"], group[metric])
+            out.append({"points": label, "opt": opt, "accuracy": metric, "n": result.n, "spearman_rho": result.rho,
+                        "low": result.low, "high": result.high, "p_value": result.p_value})
     return out
 
 
@@ -87,10 +80,9 @@ def residual_table(final: pd.DataFrame) -> list[dict]:
         slope, intercept = np.polyfit(x, y, 1)
         residual = pd.Series(y - (intercept + slope * x), index=final.index)
         for opt, idx in final.groupby("opt").groups.items():
-            r = residual.loc[idx].to_numpy()
-            half = stats.t.ppf(0.975, len(r) - 1) * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else np.nan
-            out.append({"accuracy": metric, "opt": opt, "n": len(r), "mean_residual": float(r.mean()),
-                        "ci95": float(half)})
+            interval = mean_interval(residual.loc[idx])
+            out.append({"accuracy": metric, "opt": opt, "n": interval.n, "mean_residual": interval.mean,
+                        "ci95": interval.half_width})
     return out
 
 
@@ -123,18 +115,21 @@ def plot(final: pd.DataFrame, every: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the sweep dir)")
-    args = parser.parse_args(argv)
-    out = args.out or args.sweep_dir
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print(__doc__)
+        return 0
+    args = parse_overrides(argv)
+    unknown = sorted(set(args) - {"sweep", "out"})
+    if unknown or "sweep" not in args:
+        raise SystemExit(f"usage: sweep=<dir or evals.csv> [out=<dir>]; "
+                         f"{'unknown key(s) ' + str(unknown) if unknown else 'sweep= is required'}")
+    source = Path(args["sweep"])
+    out = Path(args.get("out", source if source.is_dir() else source.parent))
     out.mkdir(parents=True, exist_ok=True)
 
-    every = load_runs(args.sweep_dir)
-    # "final" is the last evaluation of finished runs; every eval point includes runs still going
-    final = every[every["finished"]].sort_values("step").groupby("run").tail(1).sort_values(["opt", "lr", "seed"])
-    if final.empty:
-        raise SystemExit(f"no finished runs under {args.sweep_dir} yet")
+    every = load_runs(source)  # finished runs only: an unfinished run's last point is an early one
+    final = every.sort_values("step").groupby("run").tail(1).sort_values(["opt", "lr", "seed"])
     columns = ["opt", "lr", "seed", "step", "val/loss", "val/sequence_nll"] + [
         c for c in final.columns if c.startswith("test/exact_match")]
     final[[c for c in columns if c in final]].to_csv(out / "final_points.csv", index=False)
@@ -143,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                          + spearman_table(final, "final, within lr (seed effects only)", within_lr=True)
                          + spearman_table(every, "every eval point"))
     table.to_csv(out / "spearman.csv", index=False)
-    lines = ["| points | optimizer | accuracy | n | Spearman rho (val/loss vs accuracy) | p |", "|---|---|---|---|---|---|"]
+    lines = ["| points | optimizer | accuracy | n | Spearman rho (val/loss vs accuracy) | 95% bootstrap | p |",
+             "|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
-        lines.append(f"| {row.points} | {row.opt} | {row.accuracy} | {row.n} | {row.spearman_rho:+.3f} | {row.p_value:.2g} |")
+        lines.append(f"| {row.points} | {row.opt} | {row.accuracy} | {row.n} | {row.spearman_rho:+.3f} | "
+                     f"[{row.low:+.2f}, {row.high:+.2f}] | {row.p_value:.2g} |")
     (out / "spearman.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     residuals = pd.DataFrame(residual_table(final))

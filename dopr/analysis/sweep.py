@@ -1,0 +1,288 @@
+"""Load a sweep's records and reduce them to the data contract's ``runs.csv`` (../shared/STUDIES.md §5).
+
+Two sources give the same frames:
+- a sweep directory: every run dir under it with a ``summary.json`` (resolved config, git, versions)
+  and a ``metrics.jsonl`` (one line per evaluation point), as ``run.py`` writes them;
+- a tidy ``evals.csv`` (one row per run x evaluation point, written by ``scripts/aggregate.py``), which
+  is what the committed studies kept; it carries no git SHA or versions, and provenance says so.
+
+``evals``: one row per (run, evaluation point), meta columns first. ``runs_table``: one row per run
+with ``final/<m>`` (last evaluation), ``best/<m>`` (the evaluation that is best by ``m`` itself) and,
+for test metrics, ``valpick/<m>`` (``m`` at the evaluation with the lowest val/loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dopr.analysis.stats import higher_is_better
+
+# APConfig's settings moved from flat keys of ``opt`` to ``opt.ap.<field>``; older runs (and the
+# committed CSVs) have the flat names. New name -> old flat name, in one place.
+LEGACY_AP_KEYS = {
+    "opt.ap.damping": "opt.damping",
+    "opt.ap.ema": "opt.ap_ema",
+    "opt.ap.stat_interval": "opt.stat_interval",
+    "opt.ap.inverse_interval": "opt.inverse_interval",
+    "opt.ap.max_rows": "opt.max_rows",
+    "opt.ap.bias": "opt.bias_mode",
+    "opt.ap.warmup_steps": "opt.ap_warmup_steps",
+    "opt.ap.exclude": "opt.ap_exclude",
+    "opt.ap.solver": "opt.ap_solver",
+}
+# How many episodes (rollouts) one evaluation averages: task families name it differently.
+EVAL_EPISODE_KEYS = ("task.eval_episodes", "task.test_rollouts")
+META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed", "status", "eval_episodes",
+        "steps"]
+# The data contract's leading columns, in order. The damping column is named after the setting's own
+# name, opt.ap.damping (STUDIES.md §5 calls it opt.damping, its name before the opt.ap rename).
+CONTRACT = ["study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
+
+
+def uses_ap(opt_name: str) -> bool:
+    """DoPr optimizers are the GP's name with a ``dopr_`` prefix (configs/opt/dopr_*.yaml)."""
+    return str(opt_name).startswith("dopr_")
+
+
+def gp_name(opt_name: str) -> str:
+    """The gradient preconditioner a run used: ``dopr_muon`` -> ``muon``."""
+    return str(opt_name).removeprefix("dopr_")
+
+
+def config_value(config: dict, dotted: str):
+    """``config["opt"]["ap"]["damping"]`` for ``"opt.ap.damping"``; an AP setting falls back to its old
+    flat name (``opt.damping``) for runs made before the rename; None when absent."""
+    for key in (dotted, LEGACY_AP_KEYS.get(dotted)):
+        if key is None:
+            continue
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None:
+            return node
+    return None
+
+
+@dataclass
+class Sweep:
+    """A sweep's evaluation points plus what provenance needs about each run."""
+
+    source: str
+    evals: pd.DataFrame
+    summaries: list[dict] = field(default_factory=list)  # per run: run, git, versions, threads, date, headline
+    left_out: list[dict] = field(default_factory=list)  # per run not tabled: run, why
+    recorded: bool = True  # False for CSVs: no git SHA, versions, resolved config
+
+
+def _metric_columns(columns) -> list[str]:
+    return [c for c in columns if c.startswith(("train/", "val/", "test/"))]
+
+
+def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
+    """Every run under ``sweep_dir``; unfinished runs and runs without evaluations are left out (and
+    listed with the reason). ``keys``: further config keys to carry as columns (e.g. opt.ap.max_rows)."""
+    sweep_dir = Path(sweep_dir)
+    rows, summaries, left_out = [], [], []
+    paths = sorted(sweep_dir.rglob("summary.json"))
+    if not paths:
+        raise SystemExit(f"sweep={sweep_dir}: no summary.json under it; point sweep= at a run.py -m sweep dir "
+                         f"(hydra.sweep.dir) or at an evals.csv")
+    for summary_path in paths:
+        run_dir = summary_path.parent
+        run = str(run_dir.relative_to(sweep_dir)) if run_dir != sweep_dir else run_dir.name
+        summary = json.loads(summary_path.read_text())
+        metrics_path = run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+            if metrics_path.exists() else []
+        if summary.get("status") != "finished":
+            left_out.append({"run": run, "why": f"status {summary.get('status')!r}, not finished"})
+            continue
+        if not records:
+            left_out.append({"run": run, "why": "no evaluation records in metrics.jsonl"})
+            continue
+        config = summary.get("config", {})
+        name = config_value(config, "opt.name")
+        meta = {"run": run, "task": config_value(config, "task.name"), "opt.name": name, "ap": uses_ap(name),
+                "gp": gp_name(name), "opt.lr": config_value(config, "opt.lr"),
+                "opt.ap.damping": config_value(config, "opt.ap.damping") if uses_ap(name) else None,
+                "seed": config_value(config, "seed"), "status": summary.get("status"),
+                "eval_episodes": next((v for k in EVAL_EPISODE_KEYS if (v := config_value(config, k)) is not None),
+                                      None),
+                "steps": config_value(config, "trainer.steps")}
+        meta.update({k: config_value(config, k) for k in keys})
+        for record in records:
+            rows.append({**meta, **{k: v for k, v in record.items() if k in ("step", "wall_time")
+                                    or k.startswith(("train/", "val/", "test/"))}})
+        summaries.append({
+            "run": run, "git": summary.get("git"), "versions": summary.get("versions"),
+            "threads": summary.get("threads", config_value(config, "trainer.threads")),
+            "machine": summary.get("machine"), "headline_metric": summary.get("headline_metric"),
+            "higher_is_better": summary.get("higher_is_better"),
+            "date": datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
+        })
+    if not rows:
+        raise SystemExit(f"sweep={sweep_dir}: no finished run with evaluations ({len(left_out)} left out: "
+                         f"{left_out[:3]})")
+    return Sweep(str(sweep_dir), _typed(pd.DataFrame(rows)), summaries, left_out, recorded=True)
+
+
+def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
+    """A tidy CSV of evaluation points (the committed studies' format). Old flat AP column names are
+    renamed to ``opt.ap.<field>``; ``fixed`` fills columns the CSV lacks but the sweep command pinned
+    (e.g. ``{"opt.lr": 3e-3}``). Older per-run tables (``opt``, ``lr`` columns, one row per run, written
+    by the removed results/gym/summarize_fig7.py) are read too."""
+    frame = pd.read_csv(path)
+    if "opt.name" not in frame and "opt" in frame:  # summarize_fig7's final table: its "lr" is opt.lr
+        frame = frame.rename(columns={"opt": "opt.name", "lr": "opt.lr"})
+        frame["run"] = [f"{o}/lr={lr:g}/seed={s}" for o, lr, s in zip(frame["opt.name"], frame["opt.lr"], frame["seed"])]
+    missing = [c for c in ("opt.name", "seed", "step") if c not in frame]
+    if missing:
+        raise SystemExit(f"sweep={path}: no column(s) {missing}; expected an evals.csv from scripts/aggregate.py")
+    frame = frame.rename(columns={old: new for new, old in LEGACY_AP_KEYS.items() if old in frame})
+    if "run" not in frame:
+        frame["run"] = [f"{o}/seed={s}" for o, s in zip(frame["opt.name"], frame["seed"])]
+    for key, value in (fixed or {}).items():
+        if key in frame and frame[key].notna().any():
+            raise SystemExit(f"sweep={path} already has column {key!r}; do not also fix it")
+        frame[key] = value
+    frame["ap"] = frame["opt.name"].map(uses_ap)
+    frame["gp"] = frame["opt.name"].map(gp_name)
+    for column in META:
+        if column not in frame:
+            frame[column] = None
+    frame.loc[~frame["ap"], "opt.ap.damping"] = None
+    left_out = []
+    if "status" in frame and frame["status"].notna().any():
+        unfinished = frame[frame["status"] != "finished"]
+        for run, status in unfinished.groupby("run")["status"].first().items():
+            left_out.append({"run": run, "why": f"status {status!r}, not finished"})
+        frame = frame[frame["status"] == "finished"]
+    frame = frame.drop(columns=[c for c in ("lr",) if c in frame])  # the scheduled lr, not a setting
+    extra = [c for c in frame.columns if c not in META and c not in ("step", "wall_time")
+             and not c.startswith(("train/", "val/", "test/"))]
+    ordered = META + extra + ["step", "wall_time"] + _metric_columns(frame.columns)
+    return Sweep(str(path), _typed(frame[[c for c in ordered if c in frame]]), [], left_out, recorded=False)
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Metric columns as floats (JSON's null becomes NaN, Infinity stays inf), the rest as they came."""
+    frame = frame.copy()
+    for column in _metric_columns(frame.columns):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    for column in ("opt.lr", "opt.ap.damping"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    frame["ap"] = frame["ap"].astype(bool)
+    return frame
+
+
+def read_sweep(source: str | Path, keys: list[str] = (), fixed: dict | None = None) -> Sweep:
+    """A sweep directory or an evals.csv (see the module docstring)."""
+    source = Path(source)
+    if not source.exists():
+        raise SystemExit(f"sweep={source} does not exist; give a run.py -m sweep dir or an evals.csv")
+    if source.is_dir():
+        if fixed:
+            raise SystemExit(f"sweep={source}: fixed values are for CSVs without a config; a sweep dir has one")
+        return read_sweep_dir(source, keys)
+    return read_evals_csv(source, fixed)
+
+
+def concat(sweeps: list[Sweep]) -> Sweep:
+    """Several sources (e.g. tuning and verdict sweeps) as one; run names are prefixed by source when
+    two sources share a run name."""
+    if len(sweeps) == 1:
+        return sweeps[0]
+    frames = []
+    names = [set(s.evals["run"]) for s in sweeps]
+    clash = any(a & b for i, a in enumerate(names) for b in names[i + 1:])
+    for s in sweeps:
+        frame = s.evals.copy()
+        if clash:
+            frame["run"] = Path(s.source).name + ":" + frame["run"].astype(str)
+        frames.append(frame)
+    return Sweep(",".join(s.source for s in sweeps), pd.concat(frames, ignore_index=True),
+                 [x for s in sweeps for x in s.summaries], [x for s in sweeps for x in s.left_out],
+                 recorded=all(s.recorded for s in sweeps))
+
+
+def directions(metrics: list[str], headline: str | None = None, headline_higher: bool | None = None) -> dict:
+    return {m: higher_is_better(m, headline, headline_higher) for m in metrics}
+
+
+def summarize_run(points: pd.DataFrame, metrics: list[str], better: dict) -> dict:
+    """final/best/valpick values of one run's evaluation points (see the module docstring).
+
+    An evaluation whose value of ``m`` is NaN cannot be best by ``m``; infinite values take part
+    (inf is the worst cost). A metric without a known direction gets no best/ value."""
+    points = points.sort_values("step")
+    last = points.iloc[-1]
+    out = {}
+    val = points["val/loss"] if "val/loss" in points else None
+    valpick = points.loc[val.idxmin()] if val is not None and val.notna().any() else None
+    for m in metrics:
+        out[f"final/{m}"] = last[m]
+        values = points[m].dropna()
+        if better.get(m) is None or values.empty:
+            out[f"best/{m}"] = math.nan
+        else:
+            out[f"best/{m}"] = float(values.max() if better[m] else values.min())
+        if m.startswith("test/"):
+            out[f"valpick/{m}"] = valpick[m] if valpick is not None else math.nan
+    return out
+
+
+def runs_table(sweep: Sweep, study: str, stage_of_seed: dict, better: dict | None = None,
+               keys: list[str] = ()) -> pd.DataFrame:
+    """The data contract's runs.csv: one row per run (CONTRACT columns, ``keys``, then the metrics).
+
+    ``stage_of_seed`` maps each seed to "tune" or "verdict"; a seed missing from it is an error."""
+    evals = sweep.evals
+    keys = [k for k in keys if k not in CONTRACT]
+    unknown = sorted(set(evals["seed"]) - set(stage_of_seed))
+    if unknown:
+        raise SystemExit(f"seeds {unknown} are in neither tune_seeds= nor verdict_seeds=; add them to one")
+    metrics = [m for m in _metric_columns(evals.columns) if m.startswith(("val/", "test/"))]
+    better = better or directions(metrics)
+    rows = []
+    for run, points in evals.groupby("run", sort=False):
+        first = points.iloc[0]
+        row = {"study": study, **{c: first[c] for c in CONTRACT if c in first}, "stage": stage_of_seed[first["seed"]],
+               "gp": first["gp"], "run": run, **{k: first[k] for k in keys if k in first},
+               "evaluations": len(points), "last_step": int(points["step"].max())}
+        row.update(summarize_run(points, metrics, better))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    lead = CONTRACT + ["gp", "run"] + [k for k in keys if k in table] + ["evaluations", "last_step"]
+    return table[lead + [c for c in table.columns if c not in lead]]
+
+
+def read_runs_csv(path: Path) -> pd.DataFrame:
+    """A runs.csv written by ``runs_table`` (one row per run), with ``ap`` as booleans."""
+    table = pd.read_csv(path)
+    missing = [c for c in CONTRACT if c not in table]
+    if missing:
+        raise SystemExit(f"{path}: not a runs.csv of the data contract (no column(s) {missing}); "
+                         f"give the sweep dir or evals.csv instead")
+    table["ap"] = table["ap"].map(lambda v: str(v).lower() == "true")
+    if "gp" not in table:
+        table["gp"] = table["opt.name"].map(gp_name)
+    return table
+
+
+def finite_or_none(value):
+    """For JSON: NaN -> None; inf stays (Python's json writes Infinity, as records.py does)."""
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""One command per study: its runs.csv, provenance.json, tables, figure and top-README row.
+
+    python scripts/study.py study=lds                      # a committed study (dopr/analysis/studies.py)
+    python scripts/study.py study=gym_hopper sweep=multirun/gym_tune,multirun/gym_verdict \\
+        out=results/gym_hopper tune_seeds=0,1,2 verdict_seeds=10-17
+    python scripts/study.py study=my_study sweep=multirun/x out=results/my_study metric=test/return \\
+        claim="DoPr raises return" readme=experiments/my/README.md
+    python scripts/study.py help
+
+Keys (a registered study supplies them all; any given here wins):
+  study=NAME            the study's name (the study column of runs.csv)
+  task=NAME             the task config's name, for records that lack it (CSVs)
+  sweep=A,B             sweep dirs (run.py -m) and/or evals.csv files (scripts/aggregate.py), tuning and verdict
+  out=DIR               where the files go
+  metric=test/...       the headline test metric (its direction: the runs' summary.json, else its name)
+  tune_seeds=0-4        seeds used to choose settings; verdict_seeds=10-17: fresh seeds for the verdict
+                        (lists "0,1,2", ranges "10-17"; a seed in the data that is in neither is an error)
+  cell_keys=opt.lr      settings both sides of a pair share ("none" for no key)
+  ap_keys=opt.ap.damping  DoPr-only settings: each value is its own row against the same base runs
+  claim="..."  readme=PATH  commands="cmd one;cmd two"  (for provenance and the README row)
+  resamples=2000        bootstrap resamples for the Spearman interval
+
+Writes to out/: runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
+valpick/ of every metric), provenance.json, cells.{csv,md} (DoPr − base paired by seed in every cell),
+choice.{csv,md} (each optimizer's setting chosen on the tuning seeds by the test metric and by val loss),
+headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), spearman.{csv,md},
+val_vs_test.png, study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dopr.analysis import report
+from dopr.analysis.stats import higher_is_better
+from dopr.analysis.studies import STUDIES, StudySpec
+from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
+from dopr.cli import parse_overrides
+
+KEYS = {"study", "task", "sweep", "out", "metric", "tune_seeds", "verdict_seeds", "cell_keys", "ap_keys", "claim", "readme",
+        "commands", "resamples"}
+
+
+def parse_seeds(text: str, key: str) -> list[int]:
+    """ "0,1,2" or "10-17" or a mix ("0-2,5") -> sorted ints; empty -> []."""
+    seeds = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                seeds.update(range(low, high + 1))
+            else:
+                seeds.add(int(part))
+        except ValueError:
+            raise SystemExit(f"{key}={text!r}: not seeds; write e.g. {key}=0,1,2 or {key}=10-17") from None
+    return sorted(seeds)
+
+
+def parse_keys(text: str) -> list[str]:
+    return [] if text.strip() in ("", "none") else [k.strip() for k in text.split(",") if k.strip()]
+
+
+def spec_from(args: dict) -> StudySpec:
+    unknown = sorted(set(args) - KEYS)
+    if unknown:
+        raise SystemExit(f"unknown key(s) {unknown}; known: {sorted(KEYS)} (python scripts/study.py help)")
+    if "study" not in args:
+        raise SystemExit("study= is required, e.g. study=lds (registered: " + ", ".join(STUDIES) + ")")
+    spec = STUDIES.get(args["study"])
+    if spec is None:
+        missing = [k for k in ("sweep", "out", "metric") if k not in args]
+        if missing:
+            raise SystemExit(f"study={args['study']} is not registered ({', '.join(STUDIES)}); "
+                             f"a new study needs {', '.join(k + '=' for k in missing)}")
+        spec = StudySpec(name=args["study"], task=args.get("task", ""), claim=args.get("claim", ""), metric=args["metric"], sweep=[], out="",
+                         readme=args.get("readme", ""), commands=[])
+    overrides = {}
+    for key in ("task", "claim", "metric", "out", "readme", "tune_seeds", "verdict_seeds"):
+        if key in args:
+            overrides[key] = args[key]
+    if "sweep" in args:
+        overrides["sweep"] = parse_keys(args["sweep"])
+        overrides["fixed"] = {}  # pinned values belong to the registered sources
+    if "commands" in args:
+        overrides["commands"] = [c.strip() for c in args["commands"].split(";") if c.strip()]
+    for key in ("cell_keys", "ap_keys"):
+        if key in args:
+            overrides[key] = parse_keys(args[key])
+    return StudySpec(**{**spec.__dict__, **overrides})
+
+
+def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> dict:
+    """Everything the module docstring lists; returns the README row."""
+    out = Path(spec.out)
+    tune = parse_seeds(spec.tune_seeds, "tune_seeds")
+    verdict_seeds = parse_seeds(spec.verdict_seeds, "verdict_seeds")
+    if set(tune) & set(verdict_seeds):
+        raise SystemExit(f"seeds {sorted(set(tune) & set(verdict_seeds))} are in both tune_seeds= and verdict_seeds=; "
+                         f"a verdict needs seeds never used in tuning")
+    keys = spec.cell_keys + spec.ap_keys
+    sweep = concat([read_sweep(s, keys, spec.fixed) for s in spec.sweep])
+    if sweep.evals["task"].isna().any():
+        if not spec.task:
+            raise SystemExit(f"{sweep.source} does not record the task; give task=<task config name>")
+        sweep.evals["task"] = sweep.evals["task"].fillna(spec.task)
+    metric = spec.metric
+    if metric not in sweep.evals:
+        found = [c for c in sweep.evals.columns if c.startswith("test/")]
+        raise SystemExit(f"metric={metric} is not in {sweep.source}; its test metrics are {found}")
+    better = report.metric_direction(metric, sweep)
+    metrics = [c for c in sweep.evals.columns if c.startswith(("val/", "test/"))]
+    stage_of = {s: "tune" for s in tune} | {s: "verdict" for s in verdict_seeds}
+    runs = runs_table(sweep, spec.name, stage_of, directions(metrics, metric, better), keys=keys)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.assign(ap=runs["ap"].map({True: "true", False: "false"})).to_csv(out / "runs.csv", index=False)
+
+    cells = report.paired_cells(runs, metric, better, spec.cell_keys, spec.ap_keys)
+    val_cells = report.paired_cells(runs, "val/loss", False, spec.cell_keys, spec.ap_keys, picks=("final",))
+    cells_all = pd.concat([cells, val_cells], ignore_index=True)
+    cells_all.to_csv(out / "cells.csv", index=False)
+    lead = ["task", "stage", "gp"] + spec.cell_keys + spec.ap_keys + ["pick", "metric"]
+    choice = report.choose_settings(runs, metric, better, keys)
+    choice.to_csv(out / "choice.csv", index=False)
+    headline = pd.concat([report.headline_comparison(runs, metric, better, choice, keys, pick=pick)
+                          for pick in report.PICKS], ignore_index=True)
+    headline.to_csv(out / "headline.csv", index=False)
+    spearman = report.spearman_table(runs, metric, resamples)
+    spearman.to_csv(out / "spearman.csv", index=False)
+
+    sections = {
+        "cells": ("DoPr − base, paired by seed, in every cell (Δ of log values for ratio metrics)",
+                  report.markdown_table(report.format_paired(cells_all, lead))),
+        "choice": ("Settings chosen on the tuning seeds: by the test metric (best checkpoint), and what val loss picks",
+                   report.markdown_table(choice.map(report.fmt_cell))),
+        "headline": ("Each GP against DoPr at their chosen settings, paired by seed",
+                     report.markdown_table(report.format_paired(
+                         headline, ["task", "gp", "stage", "pick", "base setting", "dopr setting", "metric"]))),
+        "spearman": (f"Spearman ρ of final val/loss against final {metric} per optimizer (95% bootstrap over runs)",
+                     report.markdown_table(spearman.assign(
+                         rho=spearman["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
+                         interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
+                                   for lo, hi in zip(spearman["low"], spearman["high"])])
+                         [["opt.name", "n", "rho", "interval"]])),
+    }
+    for name, (_, text) in sections.items():
+        (out / f"{name}.md").write_text(text)
+    direction = "higher" if better else "lower"
+    study_md = [f"# {spec.name}: {spec.claim}\n", f"Metric: `{metric}` ({direction} is better). Written by "
+                f"`{analysis_command}` from {', '.join(spec.sweep)}; {len(runs)} runs. Verdict words (STUDIES §3): "
+                "held = the 95% interval excludes 0 on DoPr's better side, reversed = on the other side, "
+                "inconclusive = includes 0 (its half-width is the smallest effect the study could have seen).\n"]
+    for title, text in sections.values():
+        study_md += [f"## {title}\n", text]
+    (out / "study.md").write_text("\n".join(study_md))
+
+    notes = list(spec.notes)
+    left = report.missing_values(runs, metric)
+    prov = report.provenance(sweep, runs, spec.commands, analysis_command, tune, verdict_seeds, notes)
+    prov["left out"]["values"] = left
+    prov["metric"] = {"name": metric, "higher is better": better,
+                      "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    report.val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
+    row = report.readme_row(spec.name, spec.claim, metric, headline[headline["pick"] == "best"], spec.readme)
+    (out / "readme_row.json").write_text(json.dumps(row, indent=2) + "\n")
+    (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "
+                                       f"{row['seeds']} |\n")
+    print("\n".join(study_md))
+    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, spearman "
+          f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print(__doc__)
+        return 0
+    args = parse_overrides(argv)
+    spec = spec_from(args)
+    if not spec.out or not spec.sweep:
+        raise SystemExit("sweep= and out= are needed (a registered study has them)")
+    command = "python scripts/study.py " + " ".join(shlex.quote(a) for a in argv)
+    run_study(spec, command, int(args.get("resamples", 2000)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""dopr/analysis and the scripts on it: runs.csv per the data contract, best/final/valpick, the rule for
+infinite and missing values, paired intervals, verdict words, bootstrap Spearman, provenance."""
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from dopr.analysis import (bootstrap_spearman, higher_is_better, mean_interval, paired_difference, read_runs_csv,
+                           read_sweep, runs_table)
+from dopr.analysis.stats import Interval, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "a" * 40
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(root: Path, opt: str, seed: int, evals: list[dict], status="finished", legacy_damping=False, lr=1e-3):
+    run = root / f"opt={opt},seed={seed}"
+    run.mkdir(parents=True)
+    opt_cfg = {"name": opt, "lr": lr}
+    if opt.startswith("dopr_"):
+        opt_cfg.update({"damping": 0.01} if legacy_damping else {"ap": {"damping": 0.01}})
+    config = {"seed": seed, "task": {"name": "lds", "test_rollouts": 8}, "opt": opt_cfg, "trainer": {"steps": 30}}
+    summary = {"status": status, "headline_metric": "test/cost_ratio", "higher_is_better": False, "config": config,
+               "git": {"sha": SHA, "dirty": seed == 0}, "versions": {"torch": "2.x"}, "threads": 1}
+    (run / "summary.json").write_text(json.dumps(summary))
+    # NaN is written as null by records.py, inf as Infinity (Python's json reads both)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+
+
+def evals(costs, vals, median=None):
+    return [{"step": 10 * (i + 1), "val/loss": v, "test/cost_ratio": c, "test/median_cost_ratio": c if median is None
+             else median[i], "lr": 0.0} for i, (c, v) in enumerate(zip(costs, vals))]
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """4 seeds x {adamw, dopr_adamw}, 3 evaluations each; DoPr's cost is 0.5 lower, a diverged (inf)
+    evaluation in adamw seed 1, a missing (null) value in dopr seed 2, one unfinished run."""
+    root = tmp_path / "sweep"
+    for seed in range(4):
+        write_run(root, "adamw", seed, evals([3.0 + seed, 2.0 + seed, 2.5 + seed], [1.0, 0.5, 0.7]))
+        write_run(root, "dopr_adamw", seed, evals([2.5 + seed, 1.5 + seed + 0.1 * seed, 2.0 + seed],
+                                                  [1.2, 0.9, 0.8], median=[1.0, None if seed == 2 else 1.0, 1.0]),
+                  legacy_damping=seed == 3)
+    (root / "opt=adamw,seed=1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals(
+        [3.0, math.inf, 2.5], [1.0, 0.4, 0.7])))
+    write_run(root, "adamw", 9, evals([1.0], [1.0]), status="running")
+    return root
+
+
+def test_runs_table_has_the_contract_columns_and_best_final_valpick(sweep_dir):
+    sweep = read_sweep(sweep_dir)
+    assert sweep.left_out == [{"run": "opt=adamw,seed=9", "why": "status 'running', not finished"}]
+    runs = runs_table(sweep, "toy", {s: "tune" for s in range(4)}).set_index("run")
+    for column in ("study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes",
+                   "steps", "final/val/loss", "best/val/loss", "final/test/cost_ratio", "best/test/cost_ratio",
+                   "valpick/test/cost_ratio"):
+        assert column in runs, column
+    base0 = runs.loc["opt=adamw,seed=0"]
+    assert (base0["final/test/cost_ratio"], base0["best/test/cost_ratio"], base0["valpick/test/cost_ratio"]) == (
+        2.5, 2.0, 2.0)  # last, lowest, at the lowest val/loss (0.5, step 20)
+    assert (base0["final/val/loss"], base0["best/val/loss"], base0["task"], base0["eval_episodes"]) == (0.7, 0.5,
+                                                                                                         "lds", 8)
+    diverged = runs.loc["opt=adamw,seed=1"]
+    assert diverged["valpick/test/cost_ratio"] == math.inf  # the lowest val loss rolled out to a diverged cost
+    assert diverged["best/test/cost_ratio"] == 2.5  # inf is the worst cost, not a missing one
+    assert runs.loc["opt=dopr_adamw,seed=2", "final/test/median_cost_ratio"] == 1.0
+    assert runs.loc["opt=dopr_adamw,seed=2", "best/test/median_cost_ratio"] == 1.0  # the null evaluation is skipped
+    assert runs.loc["opt=dopr_adamw,seed=3", "opt.ap.damping"] == 0.01  # old flat opt.damping
+    assert runs.loc["opt=dopr_adamw,seed=0", "opt.ap.damping"] == 0.01  # opt.ap.damping
+    assert math.isnan(base0["opt.ap.damping"]) and bool(runs.loc["opt=dopr_adamw,seed=0", "ap"]) and not base0["ap"]
+
+
+def test_seed_in_no_stage_is_an_error(sweep_dir):
+    with pytest.raises(SystemExit, match=r"seeds \[3\] are in neither tune_seeds= nor verdict_seeds="):
+        runs_table(read_sweep(sweep_dir), "toy", {0: "tune", 1: "tune", 2: "verdict"})
+
+
+def test_paired_interval_is_scipys_t_interval_of_the_per_seed_differences():
+    dopr = {0: 1.0, 1: 2.5, 2: 2.0, 3: 4.1, 7: 9.0}
+    base = {0: 2.0, 1: 3.0, 2: 3.5, 3: 4.0}  # seed 7 has no partner
+    result = paired_difference(dopr, base, "test/error", higher=False)
+    d = np.array([-1.0, -0.5, -1.5, 0.1])
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert result.seeds == [0, 1, 2, 3] and result.diff.n == 4
+    assert result.diff.mean == pytest.approx(d.mean())
+    assert (result.diff.low, result.diff.high) == (pytest.approx(low), pytest.approx(high))
+    assert result.dopr_better_fraction == 0.75  # lower error is better: 3 of 4 seeds
+    assert (result.base_mean, result.dopr_mean) == (pytest.approx(3.125), pytest.approx(2.4))
+    assert result.verdict == "inconclusive" and result.resolution == pytest.approx((high - low) / 2)
+
+
+def test_ratio_metrics_are_paired_as_log_ratios_and_inf_makes_the_interval_unbounded():
+    result = paired_difference({0: 1.0, 1: 2.0, 2: 1.5}, {0: 10.0, 1: 20.0, 2: 30.0}, "test/cost_ratio", False)
+    assert result.scale == "log" and result.diff.mean == pytest.approx(np.mean(np.log([0.1, 0.1, 0.05])))
+    assert result.verdict == "held"
+    diverged = paired_difference({0: 1.0, 1: 2.0, 2: math.inf}, {0: 10.0, 1: 20.0, 2: 30.0}, "test/cost_ratio", False)
+    assert diverged.diff.mean == math.inf and (diverged.diff.low, diverged.diff.high) == (-math.inf, math.inf)
+    assert diverged.verdict == "inconclusive" and "unbounded" in diverged.diff.format()
+    missing = paired_difference({0: 1.0, 1: 2.0, 2: math.nan}, {0: 10.0, 1: 20.0, 2: 30.0}, "test/cost_ratio", False)
+    assert missing.seeds == [0, 1] and missing.diff.left_out == 1 and math.isfinite(missing.diff.mean)
+
+
+def test_verdict_words_follow_the_claimed_direction():
+    above, below, straddle = Interval(2.0, 1.0, 3.0, 8), Interval(-2.0, -3.0, -1.0, 8), Interval(0.1, -1.0, 1.2, 8)
+    assert [verdict(i, dopr_better_is_positive=True) for i in (above, below, straddle)] == [
+        "held", "reversed", "inconclusive"]
+    assert [verdict(i, dopr_better_is_positive=False) for i in (above, below, straddle)] == [
+        "reversed", "held", "inconclusive"]
+    returns = paired_difference({s: 10.0 + s + 0.1 * (s % 2) for s in range(8)}, {s: 5.0 + s for s in range(8)},
+                                "test/return", higher=True)
+    assert returns.verdict == "held" and returns.dopr_better_fraction == 1.0
+    assert verdict(Interval(5.0, math.nan, math.nan, 1), True) == "inconclusive"  # one seed: no interval
+
+
+def test_mean_interval_rule_for_nan_and_inf():
+    kept = mean_interval([1.0, 2.0, math.nan, 3.0])
+    assert (kept.n, kept.left_out, kept.mean) == (3, 1, 2.0)
+    assert kept.half_width == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    worst = mean_interval([1.0, math.inf])
+    assert worst.mean == math.inf and worst.half_width == math.inf
+
+
+def test_direction_rule_and_summary_override():
+    assert [higher_is_better(m) for m in ("test/return", "test/success_rate_k9", "test/exact_match_len4",
+                                          "test/accuracy", "test/acc@4")] == [True] * 5
+    assert [higher_is_better(m) for m in ("val/loss", "test/cost_ratio", "test/final_state_error", "test/fid@8",
+                                          "test/w2", "test/nll", "test/ttf_shift", "test/swd_midpoint@2")] == [False] * 8
+    assert higher_is_better("test/return_std") is None and higher_is_better("test/episode_length") is None
+    assert higher_is_better("test/score") is None
+    assert higher_is_better("test/score", "test/score", True) is True  # summary.json's own statement wins
+
+
+def test_bootstrap_spearman_is_seeded_and_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20)
+    y = x + rng.normal(size=20)
+    a, b, c = bootstrap_spearman(x, y, 300, seed=1), bootstrap_spearman(x, y, 300, seed=1), bootstrap_spearman(
+        x, y, 300, seed=2)
+    assert a == b and (a.low, a.high) != (c.low, c.high)
+    assert a.rho == pytest.approx(stats.spearmanr(x, y).statistic) and a.low < a.rho < a.high
+    assert bootstrap_spearman([1.0, 2.0, math.nan, 3.0], [1.0, 2.0, 5.0, math.inf], 50).n == 3
+
+
+def test_study_command_writes_the_contract_files(sweep_dir, tmp_path):
+    out = tmp_path / "out"
+    study = load_script("study")
+    assert study.main([f"sweep={sweep_dir}", f"out={out}", "study=toy", "metric=test/cost_ratio",
+                       "tune_seeds=0,1", "verdict_seeds=2-3", "resamples=50"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert set(runs["ap"]) == {True, False} and list(runs.columns[:10]) == [
+        "study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
+    assert (runs.groupby("stage")["seed"].unique().map(sorted).to_dict()) == {"tune": [0, 1], "verdict": [2, 3]}
+    assert "true" in (out / "runs.csv").read_text()  # the contract's ap spelling
+    assert read_runs_csv(out / "runs.csv")["ap"].dtype == bool
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["git"]["runs per sha"] == {f"{SHA} (dirty)": 2, SHA: 6}
+    assert prov["left out"]["count"] == 1 and prov["seeds"] == {"tune": [0, 1], "verdict": [2, 3]}
+    assert prov["versions"] == [{"torch": "2.x"}] and prov["threads"] == ["1"]
+    assert prov["metric"]["higher is better"] is False
+    headline = pd.read_csv(out / "headline.csv")
+    best = headline[headline["pick"] == "best"].iloc[0]
+    # verdict seeds 2, 3: best costs adamw 4.0, 5.0; dopr 3.7, 4.8 -> log ratios
+    assert best["stage"] == "verdict" and best["diff"] == pytest.approx(np.mean(np.log([3.7 / 4.0, 4.8 / 5.0])))
+    row = json.loads((out / "readme_row.json").read_text())
+    assert row["study"] == "toy" and "adamw:" in row["result"] and "fresh verdict seeds" in row["seeds"]
+    assert (out / "val_vs_test.png").stat().st_size > 1000 and "## Each GP against DoPr" in (out / "study.md").read_text()
+
+
+def test_study_rejects_overlapping_seed_sets(sweep_dir, tmp_path):
+    study = load_script("study")
+    with pytest.raises(SystemExit, match="in both tune_seeds= and verdict_seeds="):
+        study.main([f"sweep={sweep_dir}", f"out={tmp_path}", "study=toy", "metric=test/cost_ratio",
+                    "tune_seeds=0-2", "verdict_seeds=2,3"])
+
+
+def test_committed_lds_study_gives_the_paired_log_cost_ratios():
+    """The LDS README's per-lr verdicts come from the committed evals.csv through this module."""
+    from dopr.analysis import report
+    from dopr.analysis.studies import STUDIES
+
+    spec = STUDIES["lds"]
+    sweep = read_sweep(ROOT / spec.sweep[0])
+    sweep.evals["task"] = sweep.evals["task"].fillna(spec.task)
+    runs = runs_table(sweep, "lds", {s: "tune" for s in range(5)})
+    cells = report.paired_cells(runs, "test/cost_ratio", False, ["opt.lr"], [], picks=("final",))
+    adamw = cells[cells["gp"] == "adamw"].set_index("opt.lr")
+    assert adamw.loc[3e-4, "diff"] == pytest.approx(-5.16, abs=0.01) and adamw.loc[3e-4, "verdict"] == "held"
+    assert adamw.loc[1e-3, "verdict"] == "inconclusive" and adamw.loc[3e-3, "verdict"] == "inconclusive"
+    assert adamw.loc[3e-4, "half_width"] == pytest.approx(3.2, abs=0.05)
+
+
+def test_aggregate_writes_every_eval_point_and_the_final_table(sweep_dir, tmp_path):
+    aggregate = load_script("aggregate")
+    assert aggregate.main([f"sweep={sweep_dir}", f"out={tmp_path}", "group=opt.name,opt.lr"]) == 0
+    evals = pd.read_csv(tmp_path / "evals.csv")
+    assert len(evals) == 8 * 3 and evals["run"].nunique() == 8  # the unfinished run is left out
+    final = pd.read_csv(tmp_path / "final.csv").set_index("opt.name")
+    assert final.loc["adamw", "test/cost_ratio"] == pytest.approx(np.mean([2.5, 2.5, 4.5, 5.5]))
+    with pytest.raises(SystemExit, match="not key=value"):
+        aggregate.main([str(sweep_dir)])
+
+
+def test_results_table_replaces_only_the_marked_block(tmp_path):
+    results_table = load_script("results_table")
+    rows = tmp_path / "results"
+    (rows / "a").mkdir(parents=True)
+    (rows / "a" / "readme_row.json").write_text(json.dumps({"study": "a", "claim": "c", "metric": "best/test/x",
+                                                            "result": "adamw: +1 ± 0.5 (held)", "seeds": "5-9",
+                                                            "readme": "experiments/a/README.md"}))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results-table:start -->\nstale row\n<!-- results-table:end -->\nrest\n")
+    assert results_table.main([f"readme={readme}", f"rows={rows}"]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results-table:start -->\n| study |") and text.endswith(
+        "<!-- results-table:end -->\nrest\n")
+    link = os.path.relpath(ROOT / "experiments/a/README.md", tmp_path)  # relative to the README holding the table
+    assert "adamw: +1 ± 0.5 (held)" in text and "stale row" not in text and f"[a]({link})" in text
+    assert results_table.main([f"readme={readme}", f"rows={rows}", "check=true"]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="results-table:start"):
+        results_table.main([f"readme={readme}", f"rows={rows}"])
