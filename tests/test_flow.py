@@ -311,7 +311,7 @@ def test_plot_flow_pairs_runs_by_seed_and_draws_the_figure(tmp_path):
                              "test/swd@1": 0.5 + seed + (2 * offset if late else 5.0),
                              "test/swd@4": 0.2 + seed})
     pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
-    assert plot_flow.main([str(tmp_path / "runs.csv"), "--out", str(tmp_path)]) == 0
+    assert plot_flow.main([f"evals={tmp_path / 'runs.csv'}", f"out={tmp_path}"]) == 0
     paired = pd.read_csv(tmp_path / "paired.csv").set_index("key")
     assert paired.loc["val/loss", "diff"] == pytest.approx(-0.1)
     assert paired.loc["test/swd@1", "diff"] == pytest.approx(-0.2)
