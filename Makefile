@@ -9,15 +9,18 @@ ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[all]"
-	touch $@
+	@echo "installing into $(VENV) (pip's output: $(VENV)/install.log)"
+	@$(PY) -m pip install --upgrade pip > $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install -e ".[all]" >> $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@touch $@
 
 install: $(VENV)/.installed
 
-# The default job: trains the default task with the default optimizer, prints val/loss and the test metric.
+# The main job: AdamW against DoPr-AdamW on the default task (lds), same seeds, both cores; prints
+# val/loss and the test metric of both with the paired difference, and writes a figure.
+# Arguments go through ARGS, e.g. make run ARGS="task=robomimic_lift seeds=0".
 run: install
-	$(PY) run.py logger=none $(ARGS)
+	$(PY) scripts/compare.py $(ARGS)
 
 # The whole test suite (2-5 minutes on 2 CPU cores).
 test: install

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""The main job: a gradient preconditioner against its DoPr version on one task, same seeds.
+
+    python scripts/compare.py                                  # lds, adamw vs dopr_adamw, seeds 0-4
+    python scripts/compare.py task=robomimic_lift seeds=0 jobs=2
+    python scripts/compare.py task=lds base=muon seeds=0,1,2,3,4 trainer.steps=3000 opt.lr=3e-3
+
+Keys: task (a configs/task name), base (adamw | muon | signum | adamuon; DoPr is dopr_<base>), seeds
+(comma list), jobs (runs at once, each with one torch thread), out (the comparison's directory,
+default runs/compare/<task>_<base>). Any key with a dot (trainer.steps=..., opt.lr=...,
+opt.ap.damping=..., task.batch_size=...) goes to every run as a Hydra override.
+
+Each run is `python run.py ...` with its records in <out>/<opt>/seed<seed>/ and its full output in
+that directory's stdout.log; a finished run is not repeated, so re-running the command resumes.
+It prints one line per finished run, then the final val/loss and test metrics of both optimizers
+(mean and standard deviation over the seeds), the paired DoPr-minus-base difference with its 95%
+interval, and writes <out>/val_vs_test.png (one point per run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dopr.analysis.stats import higher_is_better, paired_difference  # noqa: E402
+from dopr.cli import parse_overrides  # noqa: E402
+
+GPS = ("adamw", "muon", "signum", "adamuon")
+KEYS = {"task": "lds", "base": "adamw", "seeds": "0,1,2,3,4", "jobs": "2", "out": ""}
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    if argv and argv[0] in ("help", "-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    args = parse_overrides(argv)
+    overrides = [f"{k}={v}" for k, v in args.items() if "." in k]
+    unknown = sorted(k for k in args if "." not in k and k not in KEYS)
+    if unknown:
+        raise SystemExit(f"unknown keys {unknown}; known: {sorted(KEYS)} and Hydra overrides with a dot "
+                         f"(trainer.steps=..., opt.lr=...). Usage: python scripts/compare.py help")
+    cfg = {**KEYS, **{k: v for k, v in args.items() if k in KEYS}}
+    if cfg["base"] not in GPS:
+        raise SystemExit(f"base={cfg['base']!r}: pick one of {', '.join(GPS)} (DoPr runs dopr_<base>)")
+    if not (ROOT / "configs" / "task" / f"{cfg['task']}.yaml").exists():
+        tasks = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
+        raise SystemExit(f"task={cfg['task']!r} has no configs/task/{cfg['task']}.yaml; tasks: {', '.join(tasks)}")
+    try:
+        cfg["seeds"] = [int(s) for s in str(cfg["seeds"]).split(",") if s.strip()]
+        cfg["jobs"] = int(cfg["jobs"])
+    except ValueError:
+        raise SystemExit(f"seeds must be a comma list of integers and jobs an integer (got seeds={cfg['seeds']}, "
+                         f"jobs={cfg['jobs']})") from None
+    if not cfg["seeds"] or min(cfg["seeds"]) < 0 or cfg["jobs"] < 1:
+        raise SystemExit("seeds must list at least one integer >= 0 and jobs must be >= 1")
+    cfg["out"] = Path(cfg["out"] or ROOT / "runs" / "compare" / f"{cfg['task']}_{cfg['base']}")
+    return cfg, overrides
+
+
+def run_dir(cfg: dict, opt: str, seed: int) -> Path:
+    return cfg["out"] / opt / f"seed{seed}"
+
+
+def finished(path: Path) -> dict | None:
+    summary = path / "summary.json"
+    if summary.exists():
+        data = json.loads(summary.read_text())
+        if data.get("status") == "finished":
+            return data
+    return None
+
+
+def train(cfg: dict, overrides: list[str], opt: str, seed: int) -> dict:
+    path = run_dir(cfg, opt, seed)
+    done = finished(path)
+    if done is not None:
+        return done
+    path.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(ROOT / "run.py"), f"task={cfg['task']}", f"opt={opt}", f"seed={seed}",
+               "logger=none", "trainer.progress=false", "trainer.threads=1", f"hydra.run.dir={path}",
+               # an interrupted run continues from its own checkpoint (never a sibling's)
+               f"resume={path}" if (path / "checkpoint.pt").exists() else "resume=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    with open(path / "stdout.log", "w") as log:
+        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    summary = finished(path)
+    if code != 0 or summary is None:
+        tail = (path / "stdout.log").read_text().strip().splitlines()[-15:]
+        raise SystemExit(f"{opt} seed {seed} failed (exit {code}); the end of {path / 'stdout.log'}:\n" + "\n".join(tail))
+    headline = summary["headline_metric"]
+    print(f"[compare] {opt:<12} seed {seed}: {time.time() - t0:5.0f} s  val/loss={summary['last']['val/loss']:.4g}  "
+          f"{headline}={summary['last'][headline]:.4g}", flush=True)
+    return summary
+
+
+def _mean_sd(values: list[float]) -> str:
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if len(x) == 1:
+        return f"{x[0]:.4g}"
+    return f"{x.mean():.4g} ± {x.std(ddof=1):.2g}"
+
+
+def report(cfg: dict, summaries: dict[tuple[str, int], dict]) -> None:
+    base, dopr = cfg["base"], f"dopr_{cfg['base']}"
+    first = next(iter(summaries.values()))
+    headline, headline_higher = first["headline_metric"], first["higher_is_better"]
+    metrics = ["val/loss", headline]
+    value = {(opt, s): summaries[(opt, s)]["last"] for opt in (base, dopr) for s in cfg["seeds"]}
+    n = len(cfg["seeds"])
+    print(f"\nfinal evaluation, {cfg['task']}, seeds {','.join(map(str, cfg['seeds']))} "
+          f"({'mean ± sd over seeds' if n > 1 else 'one seed'}):")
+    print("| optimizer | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for opt in (base, dopr):
+        print(f"| {opt} | " + " | ".join(_mean_sd([value[(opt, s)][m] for s in cfg["seeds"]]) for m in metrics) + " |")
+    if n > 1:
+        print(f"\n{dopr} minus {base}, paired by seed (95% t-interval; ratios as log ratios):")
+        for m in metrics:
+            r = paired_difference({s: value[(dopr, s)][m] for s in cfg["seeds"]},
+                                  {s: value[(base, s)][m] for s in cfg["seeds"]}, m,
+                                  higher_is_better(m, headline, headline_higher))
+            scale = "log ratio " if r.scale == "log" else ""
+            print(f"  {m}: {scale}{r.diff.mean:+.3g} [{r.diff.low:+.3g}, {r.diff.high:+.3g}], DoPr better on "
+                  f"{round(r.dopr_better_fraction * r.diff.n)}/{r.diff.n} seeds: {r.verdict}")
+    figure = cfg["out"] / "val_vs_test.png"
+    _figure(cfg, value, headline, figure)
+    print(f"\nfigure: {figure}\nrecords: {cfg['out']}/<opt>/seed<seed>/metrics.jsonl, summary.json")
+
+
+def _figure(cfg: dict, value: dict, headline: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for opt, color in ((cfg["base"], "tab:blue"), (f"dopr_{cfg['base']}", "tab:red")):
+        xs = [value[(opt, s)]["val/loss"] for s in cfg["seeds"]]
+        ys = [value[(opt, s)][headline] for s in cfg["seeds"]]
+        ax.scatter(xs, ys, color=color, label=opt)
+    if "ratio" in headline:
+        ax.set_yscale("log")
+    ax.set_xlabel("val/loss (one-step)")
+    ax.set_ylabel(f"{headline} (test time)")
+    ax.set_title(f"{cfg['task']}: one point per seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    cfg, overrides = parse(argv)
+    cfg["out"].mkdir(parents=True, exist_ok=True)
+    runs = [(opt, s) for s in cfg["seeds"] for opt in (cfg["base"], f"dopr_{cfg['base']}")]
+    extra = f" with {' '.join(overrides)}" if overrides else ""
+    print(f"[compare] {cfg['task']}: {cfg['base']} vs dopr_{cfg['base']}, seeds {cfg['seeds']}{extra}; "
+          f"{cfg['jobs']} at a time, 1 thread each; records under {cfg['out']}", flush=True)
+    with ThreadPoolExecutor(cfg["jobs"]) as pool:
+        results = list(pool.map(lambda r: train(cfg, overrides, *r), runs))
+    report(cfg, dict(zip(runs, results)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
