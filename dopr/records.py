@@ -9,24 +9,54 @@ import math
 import os
 import secrets
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, IO
 
 PACKAGES = ("torch", "numpy", "pytorch-optimizer", "hydra-core", "wandb", "gymnasium", "mujoco", "robosuite",
             "minari", "transformers", "peft", "h5py", "scikit-learn")
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+WANDB_ID = "wandb_id.txt"
+
+
+def temp_path(path: Path) -> Path:
+    """Where ``atomic_write`` stages ``path``: a hidden sibling, so a rename publishes it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(file)`` into a temp file in the same directory, then rename: readers never see half a
+    file, and a run killed mid-write keeps the previous one. Plain ``open``, so the file gets the
+    usual permissions (0644 under umask 022), not mkstemp's 0600; the temp file never outlives an
+    exception."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete what a killed run left staged: ``atomic_write``'s ``.<name>.tmp`` files, and the
+    ``.<record file>.<random>`` files of the mkstemp-based writer that came before it."""
+    run_dir = Path(run_dir)
+    stale = set(run_dir.glob(".*.tmp"))
+    for name in (METRICS, SUMMARY, WANDB_ID):
+        stale.update(run_dir.glob(f".{name}.*"))
+    stale = sorted(p for p in stale if p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def package_versions() -> dict[str, str]:
@@ -59,19 +89,24 @@ def _clean(value: Any) -> Any:
 
 
 class RunRecorder:
-    """Appends evaluation records and keeps ``summary.json`` current (rewritten atomically)."""
+    """Appends evaluation records and keeps ``summary.json`` current (rewritten atomically).
+
+    ``status`` in the summary: running, then finished, or failed with the exception in ``error``.
+    ``threads`` records torch's intra-op thread count: floating-point sums, hence results, depend on it.
+    """
 
     def __init__(self, run_dir: Path, config: dict, headline: str, higher_is_better: bool,
-                 logger: dict | None = None, resume_step: int | None = None):
+                 logger: dict | None = None, resume_step: int | None = None, threads: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.summary_path = self.run_dir / "summary.json"
+        remove_temp_files(self.run_dir)
+        self.metrics_path = self.run_dir / METRICS
+        self.summary_path = self.run_dir / SUMMARY
         self.config = config
         self.headline = headline
         self.higher_is_better = higher_is_better
         self.records: list[dict] = []
-        self.provenance = {"git": git_revision(), "versions": package_versions()}
+        self.provenance = {"git": git_revision(), "versions": package_versions(), "threads": threads}
         if resume_step is not None and self.metrics_path.exists():
             # Keep what the checkpoint covers; lines written after it are re-earned by the resumed run.
             kept = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
@@ -86,7 +121,7 @@ class RunRecorder:
             return None
         import wandb
 
-        run_id_file = self.run_dir / "wandb_id.txt"
+        run_id_file = self.run_dir / WANDB_ID
         run_id = run_id_file.read_text().strip() if (resume and run_id_file.exists()) else secrets.token_hex(4)
         atomic_write_text(run_id_file, run_id)
         return wandb.init(
@@ -140,4 +175,11 @@ class RunRecorder:
             for key, value in (summary["last"] or {}).items():
                 self.wandb.summary[f"last/{key}"] = value
             self.wandb.finish()
+        return summary
+
+    def fail(self, error: BaseException) -> dict:
+        """Mark the run failed, with the reason; the records up to the failure stay."""
+        summary = self.write_summary(status="failed", extra={"error": f"{type(error).__name__}: {error}"})
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
         return summary

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from dopr.optim import build_optimizer
-from dopr.records import RunRecorder
+from dopr.records import RunRecorder, atomic_write
 from dopr.tasks.base import Task
 
 CHECKPOINT = "checkpoint.pt"
@@ -35,8 +34,17 @@ class TrainerConfig:
     threads: int | None = None  # torch.set_num_threads, e.g. 1 per job in parallel sweeps
 
     def __post_init__(self):
-        if self.steps < 1 or self.eval_every < 1 or self.warmup_steps < 0:
-            raise ValueError(f"trainer: steps and eval_every must be >= 1 and warmup_steps >= 0 (got {self})")
+        for key, minimum in (("steps", 1), ("eval_every", 1), ("warmup_steps", 0)):
+            if getattr(self, key) < minimum:
+                raise ValueError(f"trainer.{key}={getattr(self, key)}: set trainer.{key} to an integer >= {minimum}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"trainer.warmup_steps={self.warmup_steps} is more than trainer.steps={self.steps}: "
+                             f"lower trainer.warmup_steps or raise trainer.steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"trainer.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1] (the cosine schedule "
+                             f"ends at min_lr_ratio * opt.lr)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"trainer.threads={self.threads}: set it >= 1, or null for torch's default")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"trainer.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -92,15 +100,67 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that torch cannot read back."""
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Temp file + rename: a run killed mid-write keeps its previous checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file fails in many ways (zip, pickle, EOF, index, decode errors)
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}). It was written whole "
+            f"(temp file + rename), so it was damaged afterwards (a partial copy, a full disk): restore it, or "
+            f"delete it to train this run from the start") from exc
+
+
+# Keys whose value may differ between a run and its resumption: they don't change what is trained
+# (every key Hydra leaves out of a run dir's name must be here, or resume=true would refuse its own runs).
+RESUME_MAY_CHANGE = ("resume", "logger", "trainer.progress", "trainer.threads", "device", "task.device")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for every config key that differs, except RESUME_MAY_CHANGE."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    conflicts = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE):
+            continue
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before != after:
+            show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            conflicts.append(f"{key}: {show(before)} -> {show(after)}")
+    return conflicts
+
+
+def _holds_non_finite(batch: Any) -> bool:
+    if isinstance(batch, torch.Tensor):
+        return batch.is_floating_point() and not bool(torch.isfinite(batch).all())
+    if isinstance(batch, dict):
+        return any(_holds_non_finite(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return any(_holds_non_finite(v) for v in batch)
+    return False
 
 
 def evaluate_model(task: Task, model: nn.Module) -> dict[str, float]:
@@ -129,6 +189,12 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
     start, elapsed, ckpt = 0, 0.0, None
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        conflicts = resume_conflicts(ckpt.get("config") or {}, config)
+        if conflicts:  # refused before anything in the run dir is touched
+            raise ValueError(
+                f"resume: {run_dir} was trained with a different config ({len(conflicts)} keys differ, "
+                f"checkpoint -> now): " + "; ".join(conflicts) + ". Resume with the run's own settings, "
+                f"or start a new run with resume=false")
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
@@ -136,7 +202,7 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
         scheduler.load_state_dict(ckpt["scheduler"])
         start, elapsed = int(ckpt["step"]), float(ckpt["wall_time"])
     recorder = RunRecorder(run_dir, config, task.headline_metric, task.higher_is_better, logger,
-                           resume_step=start if ckpt is not None else None)
+                           resume_step=start if ckpt is not None else None, threads=torch.get_num_threads())
 
     batches = task.train_batches()
     for _ in range(start):  # the batch stream draws from the task's own seeded generator
@@ -149,46 +215,60 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
           + (f" (resumed at step {start})" if start else ""))
     progress = _progress(trainer, start)
     loss_sum, loss_count, t0 = 0.0, 0, time.time() - elapsed
-    for step in range(start, trainer.steps):
-        model.train()
-        loss = task.loss(model, next(batches))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {step}; the last good checkpoint is "
-                f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Lower opt.lr, set trainer.grad_clip, "
-                f"or raise opt.damping for dopr_* optimizers.")
-        loss.backward()
-        if trainer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, model, trainer.ema_decay)
-        loss_sum += loss.item()
-        loss_count += 1
-        done = step + 1
+    try:
+        for step in range(start, trainer.steps):
+            model.train()
+            batch = next(batches)
+            loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise _non_finite_loss_error(loss, batch, step, ckpt_path)
+            loss.backward()
+            if trainer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, model, trainer.ema_decay)
+            loss_sum += loss.item()
+            loss_count += 1
+            done = step + 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4g}")
+            if done % trainer.eval_every == 0 or done == trainer.steps:
+                metrics = evaluate_model(task, ema if ema is not None else model)
+                record = {"step": done, "train/loss": loss_sum / loss_count, **metrics,
+                          "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time() - t0}
+                recorder.log(record)
+                loss_sum, loss_count = 0.0, 0
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "step": done, "wall_time": record["wall_time"],
+                    "config": config, "task_state": task.state(),
+                })
+                shown = [f"{k}={_fmt(v)}" for k, v in record.items()
+                         if k in ("step", "train/loss", "val/loss", task.headline_metric)]
+                (progress.write if progress is not None else print)("[dopr] " + "  ".join(shown))
+    except BaseException as exc:  # Ctrl-C too: the summary says why the run stopped
+        recorder.fail(exc)
+        raise
+    finally:
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4g}")
-        if done % trainer.eval_every == 0 or done == trainer.steps:
-            metrics = evaluate_model(task, ema if ema is not None else model)
-            record = {"step": done, "train/loss": loss_sum / loss_count, **metrics,
-                      "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time() - t0}
-            recorder.log(record)
-            loss_sum, loss_count = 0.0, 0
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "step": done, "wall_time": record["wall_time"],
-                "config": config, "task_state": task.state(),
-            })
-            shown = {k: v for k, v in record.items() if k in ("step", "train/loss", "val/loss", task.headline_metric)}
-            (progress.write if progress is not None else print)("[dopr] " + "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
-    if progress is not None:
-        progress.close()
+            progress.close()
     mem = optimizer.memory_bytes()
     return recorder.finish(extra={"optimizer_state_bytes": mem, "parameters": n_params})
+
+
+def _non_finite_loss_error(loss: torch.Tensor, batch: Any, step: int, ckpt_path: Path) -> Exception:
+    if _holds_non_finite(batch):
+        return ValueError(f"the training batch at step {step} holds NaN or inf values: the task's data is broken "
+                          f"(check task.dataset), not the optimizer")
+    return FloatingPointError(
+        f"non-finite training loss ({loss.item()}) at step {step}; the last good checkpoint is "
+        f"{ckpt_path if ckpt_path.exists() else 'not written yet'}. Lower opt.lr, set trainer.grad_clip, "
+        f"or raise opt.ap.damping for dopr_* optimizers.")
 
 
 def _fmt(v: Any) -> str:

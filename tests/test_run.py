@@ -118,12 +118,12 @@ def test_sweep_then_aggregate(tmp_path):
     sweep = tmp_path / "sweep"
     out = run_py("-m", "task=lds", "opt=adamw,dopr_adamw", "seed=0,1", "logger=none", f"hydra.sweep.dir={sweep}", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
-    agg = subprocess.run([sys.executable, str(ROOT / "scripts/aggregate.py"), str(sweep), "--out", str(tmp_path / "agg")],
-                         env=ENV, capture_output=True, text=True, timeout=120)
+    agg = subprocess.run([sys.executable, str(ROOT / "scripts/aggregate.py"), f"sweep={sweep}",
+                          f"out={tmp_path / 'agg'}"], env=ENV, capture_output=True, text=True, timeout=120)
     assert agg.returncode == 0, agg.stderr
     import pandas as pd
 
-    runs = pd.read_csv(tmp_path / "agg" / "runs.csv")
+    runs = pd.read_csv(tmp_path / "agg" / "evals.csv")
     assert len(runs) == 4 * 3 and set(runs["opt.name"]) == {"adamw", "dopr_adamw"}
     final = pd.read_csv(tmp_path / "agg" / "final.csv")
     assert list(final["seeds"]) == [2, 2] and math.isfinite(final["val/loss"].iloc[0])
@@ -136,13 +136,14 @@ def test_notebook_executes_on_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     out = run_py("-m", "task=lds", "opt=adamw,dopr_adamw", "seed=0", "logger=none", f"hydra.sweep.dir={sweep}", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
-    subprocess.run([sys.executable, str(ROOT / "scripts/aggregate.py"), str(sweep)], env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts/aggregate.py"), f"sweep={sweep}"], env=ENV, check=True,
+                   capture_output=True)
     nb = nbformat.read(ROOT / "notebooks/val_vs_test.ipynb", as_version=4)
-    os.environ["DOPR_RUNS_CSV"] = str(sweep / "runs.csv")
+    os.environ["DOPR_EVALS_CSV"] = str(sweep / "evals.csv")
     os.environ["DOPR_FIGURE"] = str(tmp_path / "val_vs_test.png")
     try:
         nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     finally:
-        os.environ.pop("DOPR_RUNS_CSV")
+        os.environ.pop("DOPR_EVALS_CSV")
         os.environ.pop("DOPR_FIGURE")
     assert (tmp_path / "val_vs_test.png").stat().st_size > 1000

@@ -147,6 +147,7 @@ def load_episodes(
                 raise RobomimicFormatError(
                     path, f"data/{name}/actions must be a non-empty (T, action_dim) array, got shape {actions.shape}"
                 )
+            _require_finite(path, f"data/{name}/actions", actions)
             if action_dim is None:
                 action_dim = actions.shape[1]
             elif actions.shape[1] != action_dim:
@@ -160,8 +161,8 @@ def load_episodes(
                 if key not in demo["obs"]:
                     raise RobomimicFormatError(
                         path,
-                        f"data/{name}/obs has no key {key!r} (it has {sorted(demo['obs'].keys())}); "
-                        "choose task.obs_keys from those" + (" or an image dataset" if key.endswith("_image") else ""),
+                        f"data/{name}/obs has no key {key!r}; its observation keys are {sorted(demo['obs'].keys())}"
+                        + (" (images need an image dataset)" if key.endswith("_image") else ""),
                     )
                 value = demo["obs"][key][()]
                 if len(value) != len(actions):
@@ -176,6 +177,7 @@ def load_episodes(
                         )
                 else:
                     value = np.asarray(value, dtype=np.float32).reshape(len(value), -1)
+                    _require_finite(path, f"data/{name}/obs/{key}", value)
                 if key in key_shapes and value.shape[1:] != key_shapes[key]:
                     raise RobomimicFormatError(
                         path, f"data/{name}/obs/{key} has shape {value.shape[1:]} per step, earlier demos {key_shapes[key]}"
@@ -184,6 +186,15 @@ def load_episodes(
                 obs[key] = value
             episodes.append(Episode(name=name, obs=obs, actions=actions))
     return episodes
+
+
+def _require_finite(path: str, name: str, values: np.ndarray) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        step = int(np.argwhere(bad)[0][0])
+        raise RobomimicFormatError(
+            path, f"{name} holds {int(bad.sum())} NaN or inf values (the first at step {step}): the data is broken, "
+                  f"not the training; repair or regenerate the file")
 
 
 class DemoWriter:

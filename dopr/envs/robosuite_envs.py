@@ -13,7 +13,9 @@ and ``<camera>_image`` (uint8 HWC) for cameras.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import subprocess
@@ -75,8 +77,28 @@ def select_gl_backend() -> str:
     return backend
 
 
+def import_robosuite():
+    """``import robosuite``, with its log records sent to the root logger (the run's log file).
+
+    robosuite prints every record through a console handler of its own, set up while it is
+    imported: warnings about its private macro file, optional packages, and one per missing robot
+    part each time an env is made (~900 lines a run). That handler goes; the records propagate.
+    """
+    if "robosuite" not in sys.modules:
+        with contextlib.redirect_stderr(io.StringIO()):  # what it prints while importing
+            import robosuite  # noqa: F401
+    logger = logging.getLogger("robosuite_logs")
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+    if not logger.handlers:  # with no root handler either, drop the records (not Python's last-resort print)
+        logger.addHandler(logging.NullHandler())
+    return sys.modules["robosuite"]
+
+
 def default_controller_config(robot: str = "Panda") -> dict:
     """The OSC_POSE delta controller (robosuite's BASIC composite) that robomimic's PH demos use."""
+    import_robosuite()
     from robosuite.controllers import load_composite_controller_config
 
     return load_composite_controller_config(controller="BASIC", robot=robot)
@@ -116,6 +138,7 @@ def convert_controller_configs(env_kwargs: dict) -> dict:
     controller config ({"type": "OSC_POSE", ...}); robosuite 1.5 wants a composite config.
     robosuite's own refactor_composite_controller_config does the conversion.
     """
+    import_robosuite()
     from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
 
     env_kwargs = copy.deepcopy(env_kwargs)
@@ -168,7 +191,7 @@ class RobosuiteEnv:
         camera_names = list(camera_names)
         if camera_names:
             select_gl_backend()
-        import robosuite
+        robosuite = import_robosuite()
 
         kwargs = convert_controller_configs(env_args.get("env_kwargs", {}))
         kwargs.update(
@@ -212,6 +235,11 @@ class RobosuiteEnv:
         """One control step. Returns (obs, reward, success)."""
         raw, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
         return self._convert(raw), float(reward), self.is_success()
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        """The cameras the scene defines (what ``<camera>_image`` observations can render)."""
+        return tuple(self.env.sim.model.camera_names)
 
     def is_success(self) -> bool:
         return bool(self.env._check_success())

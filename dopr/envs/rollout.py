@@ -63,8 +63,11 @@ def _worker_main(connection, env_kwargs: dict) -> None:
 
     import torch
 
+    from dopr.run_log import follow_parent_log
+
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    follow_parent_log()
     worker = _LocalWorker(env_kwargs)
     connection.send("ready")
     while True:

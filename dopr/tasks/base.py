@@ -37,8 +37,11 @@ class Task:
     higher_is_better: bool = True
 
     def __init__(self, seed: int = 0, device: str = "cpu", **_: Any):
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed={seed}: use a non-negative integer (seed=0, 1, 2, ...); numpy's seeded "
+                             f"generators reject negative seeds")
         self.seed = int(seed)
-        self.device = torch.device(device)
+        self.device = check_device(device)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -57,3 +60,26 @@ class Task:
 
     def state(self) -> dict[str, Any]:
         return {}
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or an error naming ``device=`` when it is not usable here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device}: not a torch device ({exc}); use device=cpu or device=cuda") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: CUDA is not available here (torch {torch.__version__}, built for "
+                             f"CUDA {torch.version.cuda or 'none'}); use device=cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use device=cuda or device=cuda:0")
+    return resolved
+
+
+def require_at_least(minimum: int, **values: Any) -> None:
+    """A clear error for the first ``task.<key>`` below ``minimum`` (None means unset and passes)."""
+    for key, value in values.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"task.{key}={value}: set task.{key} to an integer >= {minimum}")

@@ -25,7 +25,7 @@ from dopr.data.minari_data import load_minari_episodes
 from dopr.envs.gym_envs import make_env, rollout_policy
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.shift import gaussian_state_shift
-from dopr.tasks.base import Task
+from dopr.tasks.base import Task, require_at_least
 
 
 class NormalizedPolicy(nn.Module):
@@ -54,10 +54,10 @@ class GymBCTask(Task):
         unknown = sorted(k for k in kwargs if k != "name")
         if unknown:
             raise TypeError(f"GymBCTask got unknown config keys {unknown}")
-        if val_episodes < 1:
-            raise ValueError(f"val_episodes must be >= 1 (validation loss needs held-out episodes), got {val_episodes}")
-        if batch_size < 1 or eval_episodes < 1:
-            raise ValueError(f"batch_size and eval_episodes must be >= 1, got {batch_size}, {eval_episodes}")
+        # val_episodes >= 1: the validation loss needs held-out episodes
+        require_at_least(1, val_episodes=val_episodes, train_episodes=train_episodes, batch_size=batch_size,
+                         eval_episodes=eval_episodes, max_eval_steps=max_eval_steps, val_batch_size=val_batch_size,
+                         width=width, depth=depth, expansion=expansion)
         wanted = None if train_episodes is None else int(train_episodes) + int(val_episodes)
         episodes = load_minari_episodes(dataset, datasets_path, max_episodes=wanted)
         if len(episodes) < val_episodes + 1:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dopr.shift import gaussian_state_shift
-from dopr.tasks.base import Task
+from dopr.tasks.base import Task, require_at_least
 
 DIVERGED = 1e6  # state norm at which a rollout counts as diverged and stops
 
@@ -47,8 +47,11 @@ class LDSTask(Task):
                  test_rollouts: int = 64, test_horizon: int = 100, hidden: int = 64, depth: int = 2,
                  batch_size: int = 64):
         super().__init__(seed=seed, device=device)
+        require_at_least(1, state_dim=state_dim, action_dim=action_dim, train_trajectories=train_trajectories,
+                         val_trajectories=val_trajectories, horizon=horizon, test_rollouts=test_rollouts,
+                         test_horizon=test_horizon, hidden=hidden, batch_size=batch_size)
         if depth < 2:
-            raise ValueError("lds: depth must be >= 2 hidden layers, so the policy learns features")
+            raise ValueError(f"task.depth={depth}: set task.depth >= 2 hidden layers, so the policy learns features")
         self.name = name
         rng = np.random.default_rng(system_seed)  # the system is fixed across seeds; data varies with seed
         self.A, self.B, self.W, self.K, self.Q, self.R = random_system(state_dim, action_dim, unstable, noise_cond, rng)

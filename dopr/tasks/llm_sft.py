@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopr.data.sft import SFTExample, answers_match, detect_schema, extract_answer, to_example
-from dopr.tasks.base import Task
+from dopr.tasks.base import Task, require_at_least
 
 LOCAL_SUFFIXES = (".jsonl", ".json")
+HUB_EVAL_DATASET = "openai/gsm8k"  # what task.eval_dataset=auto means for a Hub training set
+
+
+def is_local(dataset: str) -> bool:
+    """A local file (existing, or named like one) rather than a Hugging Face Hub dataset name."""
+    return (Path(dataset).expanduser().exists() or dataset.endswith(LOCAL_SUFFIXES)
+            or dataset.startswith((".", "/", "~")))
 
 
 def _read_local_rows(path: Path) -> list[dict]:
@@ -37,19 +44,24 @@ def _read_local_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_rows(dataset: str, config_name: str | None, split: str, limit: int | None) -> list[dict]:
-    """Rows of a local .jsonl/.json file, or of a Hugging Face Hub dataset (streamed, first ``limit`` rows)."""
+def load_rows(dataset: str, config_name: str | None, split: str, limit: int | None,
+              key: str = "task.dataset") -> list[dict]:
+    """Rows of a local .jsonl/.json file, or of a Hugging Face Hub dataset (streamed, first ``limit`` rows).
+    ``key`` is the config key that named the dataset, for the error messages."""
     path = Path(dataset).expanduser()
     if path.exists():
         rows = _read_local_rows(path)
         return rows[:limit] if limit else rows
-    if dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset file {dataset} does not exist")
+    if is_local(dataset):
+        raise FileNotFoundError(f"{key}={dataset}: the file does not exist")
+    alternative = f"export it to JSON lines and pass {key}=/path/to/file.jsonl"
+    if key == "task.eval_dataset":
+        alternative += ", or pass task.eval_dataset=null to hold the test set out of task.dataset"
     try:
         import datasets
     except ImportError as err:  # e.g. a pyarrow built for another numpy
-        raise RuntimeError(f"loading Hub dataset {dataset!r} needs the `datasets` package, which failed to "
-                           f"import ({err}); or pass a local .jsonl file as task.dataset") from err
+        raise RuntimeError(f"loading Hub dataset {key}={dataset!r} needs the `datasets` package, which failed to "
+                           f"import ({err}); or {alternative}") from err
     try:
         stream = datasets.load_dataset(dataset, config_name, split=split, streaming=True)
         rows = []
@@ -60,15 +72,16 @@ def load_rows(dataset: str, config_name: str | None, split: str, limit: int | No
         return rows
     except Exception as err:  # the Hub client raises many types; all mean "not available here"
         raise RuntimeError(
-            f"could not load dataset {dataset!r} (config {config_name!r}, split {split!r}): {err}\n"
+            f"could not load {key}={dataset!r} (config {config_name!r}, split {split!r}): {err}\n"
             f"Offline? Fetch it once with network access, e.g. `hf download --repo-type dataset "
-            f"{dataset}`, or export it to JSON lines and pass task.dataset=/path/to/file.jsonl") from err
+            f"{dataset}`, or {alternative}") from err
 
 
-def load_examples(dataset: str, config_name: str | None, split: str, limit: int | None) -> list[SFTExample]:
-    rows = load_rows(dataset, config_name, split, limit)
+def load_examples(dataset: str, config_name: str | None, split: str, limit: int | None,
+                  key: str = "task.dataset") -> list[SFTExample]:
+    rows = load_rows(dataset, config_name, split, limit, key)
     if not rows:
-        raise ValueError(f"dataset {dataset!r} (split {split!r}) has no rows")
+        raise ValueError(f"{key}={dataset!r} (split {split!r}) has no rows")
     schema = detect_schema(rows[0].keys())
     return [to_example(row, schema) for row in rows]
 
@@ -80,7 +93,7 @@ class LLMSFTTask(Task):
     def __init__(self, seed: int = 0, device: str = "cpu", model: str = "meta-llama/Llama-3.2-3B",
                  dataset: str = "nvidia/OpenMathInstruct-2", dataset_config: str | None = None,
                  train_split: str = "train_1M", max_train_examples: int | None = 100_000,
-                 eval_dataset: str | None = "openai/gsm8k", eval_dataset_config: str | None = "main",
+                 eval_dataset: str | None = "auto", eval_dataset_config: str | None = "main",
                  eval_split: str = "test", n_val: int = 256, n_test: int = 500, batch_size: int = 8,
                  eval_batch_size: int = 16, max_seq_len: int = 1024, max_new_tokens: int = 512,
                  lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
@@ -95,23 +108,31 @@ class LLMSFTTask(Task):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.max_seq_len, self.max_new_tokens = int(max_seq_len), int(max_new_tokens)
-        if min(self.batch_size, self.eval_batch_size, self.max_seq_len, self.max_new_tokens, n_val) < 1:
-            raise ValueError("batch_size, eval_batch_size, max_seq_len, max_new_tokens and n_val must be >= 1")
+        require_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, max_seq_len=max_seq_len,
+                         max_new_tokens=max_new_tokens, n_val=n_val, n_test=n_test,
+                         max_train_examples=max_train_examples)
+        if eval_dataset == "auto":  # a local training file is the offline case: test on its own held-out rows
+            eval_dataset = None if is_local(dataset) else HUB_EVAL_DATASET
 
         self.tokenizer = self._load_tokenizer()
-        held_out = int(n_val) + (0 if eval_dataset else int(n_test))
+        n_val, n_test = int(n_val), int(n_test)
+        held_out = n_val + (0 if eval_dataset else n_test)
         limit = None if max_train_examples is None else int(max_train_examples) + held_out
         examples = load_examples(dataset, dataset_config, train_split, limit)
+        if len(examples) <= held_out:
+            held = f"task.n_val={n_val}" + ("" if eval_dataset else f" and task.n_test={n_test}")
+            room = max(1, len(examples) // 8)
+            raise ValueError(
+                f"task.dataset={dataset!r} has {len(examples)} rows; holding out {held} leaves none for training. "
+                f"Lower them (e.g. task.n_val={room}" + ("" if eval_dataset else f" task.n_test={room}")
+                + ") or use a bigger dataset")
         random.Random(self.seed).shuffle(examples)
         if eval_dataset:
-            test = load_examples(eval_dataset, eval_dataset_config, eval_split, int(n_test))
+            test = load_examples(eval_dataset, eval_dataset_config, eval_split, n_test, key="task.eval_dataset")
         else:  # hold the test set out of the training file as well
-            test, examples = examples[: int(n_test)], examples[int(n_test):]
-        self.val_examples, self.train_examples = examples[: int(n_val)], examples[int(n_val):]
-        self.test_examples = test[: int(n_test)]
-        if not self.train_examples:
-            raise ValueError(f"no training examples left after holding out n_val={n_val} (and n_test) "
-                             f"from {len(examples)} rows of {dataset!r}")
+            test, examples = examples[:n_test], examples[n_test:]
+        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+        self.test_examples = test[:n_test]
         self._train_encoded = [e for e in map(self._encode, self.train_examples) if e is not None]
         self._val_encoded = [e for e in map(self._encode, self.val_examples) if e is not None]
         if not self._train_encoded:

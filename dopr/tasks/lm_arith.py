@@ -18,7 +18,7 @@ from torch import nn
 
 from dopr.data.arith import ArithmeticProblems, CharTokenizer, Problem, encode_problems, extract_answer
 from dopr.models.gpt import GPT, generate
-from dopr.tasks.base import Task
+from dopr.tasks.base import Task, require_at_least
 
 # Eval sets are drawn from this fixed stream, not from the run seed, so that every optimizer and
 # seed is scored on the same held-out problems.
@@ -53,8 +53,8 @@ class LMArithTask(Task):
         self.batch_size = int(batch_size)
         self.sample_temperature = float(sample_temperature)
         self.eval_batch_size = int(eval_batch_size)
-        if self.batch_size < 1 or n_val < 1 or n_test_per_length < 1:
-            raise ValueError("batch_size, n_val and n_test_per_length must all be >= 1")
+        require_at_least(1, batch_size=batch_size, n_val=n_val, n_test_per_length=n_test_per_length,
+                         eval_batch_size=eval_batch_size, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
 
         rng = random.Random(EVAL_DATA_SEED)
         self.test_problems = [self.problems.sample(rng, length=n)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dopr.data.robomimic_hdf5 import ChunkDataset, demo_names, load_episodes, read_env_args
+from dopr.data.robomimic_hdf5 import ChunkDataset, demo_names, load_episodes, obs_keys_in, read_env_args
 from dopr.policies.flow_matching import FlowMatchingPolicy
 from dopr.policies.normalizer import RangeNormalizer
 from dopr.policies.obs_encoder import ObsEncoder
 from dopr.policies.regression import RegressionPolicy
-from dopr.tasks.base import Task
+from dopr.tasks.base import Task, require_at_least
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOW_DIM_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
@@ -137,15 +137,21 @@ class RobomimicTask(Task):
             )
         if not integration_steps or min(integration_steps) < 1:
             raise ValueError(f"task.integration_steps must be a non-empty list of positive ints, got {integration_steps}")
+        require_at_least(1, num_demos=num_demos, batch_size=batch_size, val_samples=val_samples,
+                         eval_episodes=eval_episodes, max_episode_steps=max_episode_steps, obs_steps=obs_steps)
+        require_at_least(2, gen_demos=gen_demos)  # one of them is held out for the validation loss
+        require_at_least(0, num_workers=num_workers)
         self.path = self._resolve_dataset(dataset, env_name, gen_demos, gen_seed, gen_noise, obs)
         self.env_args = read_env_args(self.path)
         image_keys = tuple(image_keys) if obs == "image" else ()
         self.obs_keys = list(low_dim_keys) + list(image_keys)
+        self._check_keys_recorded(low_dim_keys, image_keys)
 
         train_names = self._names("train")
         if num_demos is not None:
             if num_demos > len(train_names):
-                raise ValueError(f"task.num_demos={num_demos} but {self.path} has {len(train_names)} training demos")
+                raise ValueError(f"task.num_demos={num_demos} but {self.path} has {len(train_names)} training demos; "
+                                 f"set task.num_demos <= {len(train_names)}, or null for all")
             train_names = train_names[:num_demos]
         valid_names = self._names("valid")
         if not valid_names:
@@ -185,6 +191,7 @@ class RobomimicTask(Task):
         self.max_episode_steps, self.num_workers = max_episode_steps, num_workers
         self.num_train_demos, self.num_train_samples = len(train_eps), len(self.train_data)
         self._pool = None
+        self._check_env_matches_data()
 
     # ----- data -----
     @staticmethod
@@ -203,6 +210,44 @@ class RobomimicTask(Task):
             print(f"[robomimic] {path} not found: generating {gen_demos} scripted {env_name} demos (once)")
             generate_demos(env_name, gen_demos, str(path), seed=gen_seed, action_noise=gen_noise, camera_names=cameras)
         return str(path)
+
+    def _check_keys_recorded(self, low_dim_keys: Sequence[str], image_keys: Sequence[str]) -> None:
+        recorded = obs_keys_in(self.path)
+        for name, keys in (("low_dim_keys", low_dim_keys), ("image_keys", image_keys)):
+            missing = [k for k in keys if k not in recorded]
+            if missing:
+                hint = " (image keys need an image dataset: task.obs=image with one that records them)" \
+                    if name == "image_keys" else ""
+                raise ValueError(f"task.{name} has {missing}, which {self.path} does not record; its observation "
+                                 f"keys are {recorded}{hint}")
+
+    def _check_env_matches_data(self) -> None:
+        """Before any training: the env the dataset names must take its actions and produce its
+        observations, at the same sizes (else rollouts fail only after training)."""
+        from dopr.envs.robosuite_envs import RobosuiteEnv
+
+        env = RobosuiteEnv(self.env_args)  # no cameras: building it is cheap, and names the cameras it has
+        try:
+            obs, action_dim, cameras = env.reset(seed=self.eval_seed), env.action_dim, env.cameras
+        finally:
+            env.close()
+        where = f"{self.path} (env {self.env_args['env_name']!r} from its data.attrs['env_args'])"
+        problems = []
+        if self.policy_spec["action_dim"] != action_dim:
+            problems.append(f"its actions have {self.policy_spec['action_dim']} dims, the env takes {action_dim}")
+        for key, size in self.policy_spec["low_dim_sizes"].items():
+            if key not in obs:
+                problems.append(f"the env has no observation {key!r} (it has {sorted(obs)}; set task.low_dim_keys "
+                                f"from those)")
+            elif np.asarray(obs[key]).size != size:
+                problems.append(f"observation {key!r} has {size} values per step in the data, "
+                                f"{np.asarray(obs[key]).size} in the env")
+        for key in self.policy_spec["image_keys"]:
+            if key[: -len("_image")] not in cameras:
+                problems.append(f"the env has no camera for {key!r} (cameras: {list(cameras)})")
+        if problems:
+            raise ValueError(f"{where} does not match its env: " + "; ".join(problems) + ". The dataset was not "
+                             f"recorded in this env: regenerate it, or pass the matching task.dataset")
 
     def _names(self, split: str) -> list[str]:
         try:

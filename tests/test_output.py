@@ -1,0 +1,79 @@
+"""What a run prints and records about its environment: library logs in <run_dir>/run.log, a short
+terminal, the thread count, one thread per job in local parallel sweeps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from dopr.launch import sweep_job_threads
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+ROBOSUITE_NOISE = ("robosuite", "controller config", "private macro")
+
+
+def run(*args, timeout=300):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_demo_generation_prints_progress_not_robosuite(tmp_path):
+    # what scripts/make_demos.py and the task's generation on first use run, in a fresh process
+    printed = run("-c", "import sys; from dopr.envs.scripted import generate_demos; "
+                        "generate_demos('Lift', 2, sys.argv[1], valid_fraction=0.5)", tmp_path / "lift.hdf5")
+    assert "wrote" in printed
+    assert not [line for line in printed.splitlines() if any(word in line for word in ROBOSUITE_NOISE)], printed
+    assert (tmp_path / "lift.hdf5").exists()
+
+
+@pytest.fixture(scope="module")
+def lift_file(tmp_path_factory):
+    from dopr.envs.scripted import generate_demos
+
+    path = tmp_path_factory.mktemp("demos") / "lift.hdf5"
+    generate_demos("Lift", 2, str(path), seed=0, valid_fraction=0.5, log=None)
+    return path
+
+
+def test_robomimic_run_logs_robosuite_to_the_run_dir_and_prints_a_few_lines(lift_file, tmp_path):
+    printed = run("run.py", "task=robomimic_lift", f"task.dataset={lift_file}", "logger=none",
+                  f"hydra.run.dir={tmp_path}",
+                  "trainer.steps=4", "trainer.eval_every=2", "trainer.warmup_steps=0", "trainer.progress=false",
+                  "task.unet_channels=[8,16]", "task.time_embed_dim=8", "task.integration_steps=[1]",
+                  "task.eval_episodes=1", "task.max_episode_steps=8", "task.batch_size=4", "task.val_samples=8")
+    lines = printed.splitlines()
+    assert not [line for line in lines if any(word in line for word in ROBOSUITE_NOISE)], printed
+    assert len(lines) == 5, printed  # the run line, two evaluations, the final metrics, where the records are
+    assert [line.startswith("[dopr]") for line in lines] == [True] * 5, printed
+    log = (tmp_path / "run.log").read_text()
+    assert "robosuite_logs WARNING" in log and "part_controller_config" in log
+
+
+def test_local_parallel_sweep_runs_one_thread_per_job(tmp_path):
+    run("run.py", "-m", "hydra/launcher=local", "task=lds", "seed=0,1", "logger=none", f"hydra.sweep.dir={tmp_path}",
+        "trainer.steps=10", "trainer.eval_every=10", "trainer.progress=false", "task.test_rollouts=4",
+        "task.test_horizon=10")
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    for summary in summaries:
+        assert summary["config"]["trainer"]["threads"] == 1 and summary["threads"] == 1
+
+
+def test_sweep_threads_respect_the_user_and_other_launchers():
+    joblib = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {
+        "_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}})
+    assert sweep_job_threads(None, joblib) == 1
+    assert sweep_job_threads(4, joblib) == 4  # the user's trainer.threads wins
+    basic = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {
+        "_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    assert sweep_job_threads(None, basic) is None  # one job at a time: torch's default
+    single = OmegaConf.create({"mode": RunMode.RUN, "launcher": joblib.launcher})
+    assert sweep_job_threads(None, single) is None
