@@ -19,13 +19,16 @@ Keys (a registered study supplies them all; any given here wins):
   cell_keys=opt.lr      settings both sides of a pair share ("none" for no key)
   ap_keys=opt.ap.damping  DoPr-only settings: each value is its own row against the same base runs
   claim="..."  readme=PATH  commands="cmd one;cmd two"  (for provenance and the README row)
+  secondary=test/a,test/b  further test metrics paired in every cell (at the last evaluation)
+  predictors=val/loss   one-step metrics whose Spearman rho with the test metric is reported
   resamples=2000        bootstrap resamples for the Spearman interval
 
-Writes to out/: runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
+Writes to out/: evals.csv (every evaluation point, with each run's git SHA, versions and threads; only
+when every source is a sweep dir, so that the study can be re-made from committed files), runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
 valpick/ of every metric), provenance.json, cells.{csv,md} (DoPr − base paired by seed in every cell),
 choice.{csv,md} (each optimizer's setting chosen on the tuning seeds by the test metric and by val loss),
-headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), spearman.{csv,md},
-val_vs_test.png, study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
+headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), decoupling.{csv,md} (Spearman),
+val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
 from dopr.cli import parse_overrides
 
 KEYS = {"study", "task", "sweep", "out", "metric", "tune_seeds", "verdict_seeds", "cell_keys", "ap_keys", "claim", "readme",
-        "commands", "resamples"}
+        "commands", "resamples", "predictors", "secondary"}
 
 
 def parse_seeds(text: str, key: str) -> list[int]:
@@ -89,7 +92,7 @@ def spec_from(args: dict) -> StudySpec:
         overrides["fixed"] = {}  # pinned values belong to the registered sources
     if "commands" in args:
         overrides["commands"] = [c.strip() for c in args["commands"].split(";") if c.strip()]
-    for key in ("cell_keys", "ap_keys"):
+    for key in ("cell_keys", "ap_keys", "predictors", "secondary"):
         if key in args:
             overrides[key] = parse_keys(args[key])
     return StudySpec(**{**spec.__dict__, **overrides})
@@ -118,11 +121,14 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     stage_of = {s: "tune" for s in tune} | {s: "verdict" for s in verdict_seeds}
     runs = runs_table(sweep, spec.name, stage_of, directions(metrics, metric, better), keys=keys)
     out.mkdir(parents=True, exist_ok=True)
+    if all(Path(source).is_dir() for source in spec.sweep):  # keep the evaluation points (and provenance) with the study
+        sweep.evals.to_csv(out / "evals.csv", index=False)
     runs.assign(ap=runs["ap"].map({True: "true", False: "false"})).to_csv(out / "runs.csv", index=False)
 
     cells = report.paired_cells(runs, metric, better, spec.cell_keys, spec.ap_keys)
-    val_cells = report.paired_cells(runs, "val/loss", False, spec.cell_keys, spec.ap_keys, picks=("final",))
-    cells_all = pd.concat([cells, val_cells], ignore_index=True)
+    others = [report.paired_cells(runs, m, higher_is_better(m), spec.cell_keys, spec.ap_keys, picks=("final",))
+              for m in spec.secondary + ["val/loss"]]
+    cells_all = pd.concat([cells, *others], ignore_index=True)
     cells_all.to_csv(out / "cells.csv", index=False)
     lead = ["task", "stage", "gp"] + spec.cell_keys + spec.ap_keys + ["pick", "metric"]
     choice = report.choose_settings(runs, metric, better, keys)
@@ -130,8 +136,9 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     headline = pd.concat([report.headline_comparison(runs, metric, better, choice, keys, pick=pick)
                           for pick in report.PICKS], ignore_index=True)
     headline.to_csv(out / "headline.csv", index=False)
-    spearman = report.spearman_table(runs, metric, resamples)
-    spearman.to_csv(out / "spearman.csv", index=False)
+    grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid
+    spearman = report.spearman_table(grid, metric, spec.predictors, resamples)
+    spearman.to_csv(out / "decoupling.csv", index=False)
 
     sections = {
         "cells": ("DoPr − base, paired by seed, in every cell (Δ of log values for ratio metrics)",
@@ -141,12 +148,14 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
         "headline": ("Each GP against DoPr at their chosen settings, paired by seed",
                      report.markdown_table(report.format_paired(
                          headline, ["task", "gp", "stage", "pick", "base setting", "dopr setting", "metric"]))),
-        "spearman": (f"Spearman ρ of final val/loss against final {metric} per optimizer (95% bootstrap over runs)",
+        "decoupling": (f"Spearman ρ of final one-step metrics against final {metric}, per optimizer over its runs "
+                     f"(95% bootstrap over runs)",
                      report.markdown_table(spearman.assign(
                          rho=spearman["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
                          interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
-                                   for lo, hi in zip(spearman["low"], spearman["high"])])
-                         [["opt.name", "n", "rho", "interval"]])),
+                                   for lo, hi in zip(spearman["low"], spearman["high"])],
+                         p=spearman["p"].map(lambda v: "n/a" if v != v else f"{v:.2g}"))
+                         [["predictor", "opt.name", "n", "rho", "interval", "p"]])),
     }
     for name, (_, text) in sections.items():
         (out / f"{name}.md").write_text(text)
@@ -167,12 +176,15 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
                       "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     report.val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
+    if runs["opt.lr"].nunique() > 1:
+        report.lr_figure(runs[runs["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
+                         f"{spec.name}: tuning seeds, mean ± 95% over seeds")
     row = report.readme_row(spec.name, spec.claim, metric, headline[headline["pick"] == "best"], spec.readme)
     (out / "readme_row.json").write_text(json.dumps(row, indent=2) + "\n")
     (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "
                                        f"{row['seeds']} |\n")
     print("\n".join(study_md))
-    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, spearman "
+    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
     return row
 

@@ -176,6 +176,12 @@ def test_study_command_writes_the_contract_files(sweep_dir, tmp_path):
     best = headline[headline["pick"] == "best"].iloc[0]
     # verdict seeds 2, 3: best costs adamw 4.0, 5.0; dopr 3.7, 4.8 -> log ratios
     assert best["stage"] == "verdict" and best["diff"] == pytest.approx(np.mean(np.log([3.7 / 4.0, 4.8 / 5.0])))
+    again = tmp_path / "again"  # re-made from the committed evals.csv alone: the same provenance and verdicts
+    assert study.main([f"sweep={out / 'evals.csv'}", f"out={again}", "study=toy", "metric=test/cost_ratio",
+                       "tune_seeds=0,1", "verdict_seeds=2-3", "resamples=50"]) == 0
+    prov_again = json.loads((again / "provenance.json").read_text())
+    assert prov_again["git"] == prov["git"] and prov_again["versions"] == prov["versions"]
+    assert pd.read_csv(again / "headline.csv")["diff"].tolist() == pytest.approx(headline["diff"].tolist())
     row = json.loads((out / "readme_row.json").read_text())
     assert row["study"] == "toy" and "adamw:" in row["result"] and "fresh verdict seeds" in row["seeds"]
     assert (out / "val_vs_test.png").stat().st_size > 1000 and "## Each GP against DoPr" in (out / "study.md").read_text()

@@ -7,16 +7,19 @@ Every number a study README quotes comes from these functions (``scripts/study.p
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import subprocess
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dopr.analysis.stats import Interval, bootstrap_spearman, higher_is_better, paired_difference
+from dopr.analysis.stats import (Interval, bootstrap_spearman, higher_is_better, is_log_scale, mean_interval,
+                                 paired_difference)
 from dopr.analysis.sweep import Sweep, finite_or_none
 
 PICKS = ("best", "final", "valpick")  # which checkpoint of a run a value is read at
@@ -155,15 +158,59 @@ def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: p
     return pd.DataFrame(rows)
 
 
-def spearman_table(runs: pd.DataFrame, metric: str, resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per optimizer over its runs (lr grid x seeds): Spearman rho of final val/loss against the final test
-    metric, with a seeded bootstrap interval over runs (STUDIES §3's decoupling statistic)."""
+def spearman_table(runs: pd.DataFrame, metric: str, predictors=("val/loss",), resamples: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Per optimizer over its runs (lr grid x seeds), and over all runs: Spearman rho of each final one-step
+    ``predictor`` (val/loss first) against the final test metric, with a seeded bootstrap interval over
+    runs (STUDIES §3's decoupling statistic)."""
     rows = []
     groups = [(name, group) for name, group in runs.groupby("opt.name", sort=True)] + [("all", runs)]
-    for name, group in groups:
-        result = bootstrap_spearman(group["final/val/loss"], group[f"final/{metric}"], resamples, seed)
-        rows.append({"opt.name": name, "n": result.n, "rho": result.rho, "low": result.low, "high": result.high})
+    for predictor in predictors:
+        column = f"final/{predictor}"
+        if column not in runs:
+            raise SystemExit(f"predictor {predictor} is not recorded; recorded: "
+                             f"{[c.removeprefix('final/') for c in runs if c.startswith('final/')]}")
+        for name, group in groups:
+            result = bootstrap_spearman(group[column], group[f"final/{metric}"], resamples, seed)
+            rows.append({"predictor": predictor, "opt.name": name, "n": result.n, "rho": result.rho,
+                         "low": result.low, "high": result.high, "p": result.p_value})
     return pd.DataFrame(rows)
+
+
+def lr_figure(runs: pd.DataFrame, metrics: list[str], path: Path, title: str) -> None:
+    """Per GP (columns) and metric (rows): mean ± 95% interval over seeds against opt.lr, with and without
+    AP, at the best checkpoint of the test metric and the last evaluation of the one-step losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gps = sorted(runs["gp"].unique())
+    fig, axes = plt.subplots(len(metrics), len(gps), figsize=(3.6 * len(gps), 2.8 * len(metrics)), squeeze=False)
+    for j, gp in enumerate(gps):
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            column = f"{'best' if metric.startswith('test/') else 'final'}/{metric}"
+            for ap, style in ((False, "o--"), (True, "s-")):
+                side = runs[(runs["gp"] == gp) & (runs["ap"] == ap)]
+                if side.empty or side["opt.lr"].isna().all():
+                    continue
+                lrs = sorted(side["opt.lr"].dropna().unique())
+                cis = [mean_interval(side.loc[side["opt.lr"] == lr, column]) for lr in lrs]
+                half = [c.half_width if math.isfinite(c.half_width) else 0.0 for c in cis]
+                ax.errorbar(lrs, [c.mean for c in cis], yerr=half, fmt=style, capsize=3,
+                            label=side["opt.name"].iloc[0])
+            ax.set_xscale("log")
+            if not metric.startswith("test/") or is_log_scale(metric):
+                ax.set_yscale("log")
+            ax.set_title(f"{gp}: {column}", fontsize=8)
+            ax.set_xlabel("opt.lr", fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def format_paired(table: pd.DataFrame, lead: list[str]) -> pd.DataFrame:
@@ -214,26 +261,28 @@ def provenance(sweep: Sweep, runs: pd.DataFrame, commands: list[str], analysis_c
                tune_seeds: list, verdict_seeds: list, notes: list[str]) -> dict:
     """provenance.json (STUDIES §5): commands, git SHAs with dirty flags, machine, dates, seeds, versions,
     threads, and the runs left out with the reason. What the records lack is said, not filled in."""
-    not_recorded = "not recorded: the committed data are an aggregated CSV; the run dirs (multirun/) were never committed"
-    if sweep.recorded:
-        shas: dict = {}
-        for s in sweep.summaries:
-            git = s.get("git") or {}
-            key = f"{git.get('sha')}{' (dirty)' if git.get('dirty') else ''}"
-            shas[key] = shas.get(key, 0) + 1
-        versions = sorted({tuple(sorted((s.get("versions") or {}).items())) for s in sweep.summaries})
-        threads = sorted({str(s.get("threads")) for s in sweep.summaries})
-        machines = sorted({str(s.get("machine")) for s in sweep.summaries})
-        dates = sorted(s["date"] for s in sweep.summaries)
-        run_git = {"runs per sha": shas}
-        run_versions = [dict(v) for v in versions]
-        run_dates = {"first": dates[0], "last": dates[-1]} if dates else None
-        run_machine = machines if machines != ["None"] else "not recorded in summary.json"
-        run_threads = threads
-    else:
-        sources = [Path(p) for p in sweep.source.split(",")]
+    per_run = sweep.evals.groupby("run").first()
+    not_recorded = ("not recorded: the source is an aggregated CSV made before evals.csv carried it; the run dirs "
+                    "(multirun/) were never committed")
+
+    def recorded(column):
+        if column not in per_run or per_run[column].isna().all():
+            return None
+        return per_run[column].dropna()
+
+    shas = recorded("git.sha")
+    if shas is None:
+        sources = [Path(p) for p in sweep.source.split(",") if not Path(p).is_dir()]
         run_git = {"runs per sha": not_recorded, "data first committed in": {str(p): data_commit(p) for p in sources}}
-        run_versions = run_dates = run_machine = run_threads = not_recorded
+    else:
+        dirty = per_run.loc[shas.index, "git.dirty"].map(lambda d: str(d).lower() == "true")
+        run_git = {"runs per sha": dict(Counter(f"{sha}{' (dirty)' if d else ''}" for sha, d in zip(shas, dirty)))}
+    versions, threads, machines, dates = (recorded(c) for c in ("versions", "threads", "machine", "date"))
+    run_versions = [json.loads(v) for v in sorted(set(versions))] if versions is not None else not_recorded
+    run_threads = sorted({str(int(float(t))) for t in threads}) if threads is not None else not_recorded
+    run_machine = [json.loads(m) for m in sorted(set(machines))] if machines is not None else (
+        not_recorded if shas is None else "not recorded in summary.json")
+    run_dates = {"first": min(dates), "last": max(dates)} if dates is not None else not_recorded
     left_out = list(sweep.left_out)
     return {
         "study": runs["study"].iloc[0] if len(runs) else None,
@@ -311,7 +360,7 @@ def readme_row(study: str, claim: str, metric: str, headline: pd.DataFrame, read
 
 def metric_direction(metric: str, sweep: Sweep) -> bool:
     """The headline's direction: the runs' own summary.json statement when they made one, else the name rule."""
-    stated = {s.get("higher_is_better") for s in sweep.summaries if s.get("headline_metric") == metric}
+    stated = {s.get("higher_is_better") for s in sweep.headlines if s.get("headline_metric") == metric}
     stated.discard(None)
     if len(stated) > 1:
         raise SystemExit(f"runs disagree on whether higher {metric} is better ({stated}); they are not one study")

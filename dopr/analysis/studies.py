@@ -23,11 +23,15 @@ class StudySpec:
     cell_keys: list[str] = field(default_factory=lambda: ["opt.lr"])  # settings both sides of a pair share
     ap_keys: list[str] = field(default_factory=lambda: ["opt.ap.damping"])  # DoPr-only settings, one row each
     fixed: dict = field(default_factory=dict)  # columns the CSV lacks but the sweep command pinned
+    predictors: list[str] = field(default_factory=lambda: ["val/loss"])  # one-step metrics correlated with the test one
+    secondary: list[str] = field(default_factory=list)  # further test metrics paired in every cell (last evaluation)
     notes: list[str] = field(default_factory=list)
 
 
 CSV_ONLY = ("committed data are an aggregated evals.csv: no git SHA, package versions or resolved config per run; "
             "opt.ap.damping is empty because the CSV did not record it (the configs' default was 1e-3)")
+
+GYM_PREDICTORS = ["val/loss", "val/train_set_loss", "test/state_shift"]
 
 STUDIES = {s.name: s for s in [
     StudySpec(
@@ -40,6 +44,7 @@ STUDIES = {s.name: s for s in [
                   "seed=0,1,2,3,4 hydra.sweep.dir=multirun/lds_lr",
                   "python run.py -m task=lds logger=none trainer.progress=false opt=muon,dopr_muon seed=0,1,2,3,4 "
                   "hydra.sweep.dir=multirun/lds_lr/muon"],
+        secondary=["test/final_state_error", "test/ttf_shift"],
         notes=[CSV_ONLY, "the lr grid has 3 values (STUDIES §2 asks for 5) and no damping grid"]),
     StudySpec(
         name="lds_cheap", task="lds", claim="cheap AP settings keep DoPr-AdamW's lower LDS cost ratio against AdamW",
@@ -58,6 +63,7 @@ STUDIES = {s.name: s for s in [
                   "opt.lr=3e-3 hydra.sweep.dir=multirun/gym_fig7_holdout/lr3e-3",
                   "python run.py -m experiment=gym_fig7 hydra/launcher=local seed=5,6,7,8,9 opt=dopr_signum "
                   "opt.lr=3e-4 hydra.sweep.dir=multirun/gym_fig7_holdout/lr3e-4"],
+        predictors=GYM_PREDICTORS,
         notes=[CSV_ONLY, "5 eval episodes per run (STUDIES §4 asks for 20); 5 verdict seeds (it asks for 8)"]),
     StudySpec(
         name="gym_hopper_cheap", task="gym_hopper", claim="cheap AP settings keep DoPr-Muon's Hopper-v5 return gain over Muon at lr 3e-3",
@@ -69,11 +75,13 @@ STUDIES = {s.name: s for s in [
         metric="test/return", sweep=["results/gym/walker2d/evals.csv", "results/gym/walker2d/fig7_holdout_final.csv"],
         out="results/gym/walker2d", readme="experiments/gym/README.md", verdict_seeds="5-9",
         commands=["experiments/gym/run_walker2d_ant.sh"],
+        predictors=GYM_PREDICTORS,
         notes=[CSV_ONLY, "5 eval episodes per run (STUDIES §4 asks for 20); 5 verdict seeds (it asks for 8)"]),
     StudySpec(
         name="gym_ant", task="gym_ant", claim="DoPr raises Ant-v5 behavior-cloning return (noisy demos) against its GP",
         metric="test/return", sweep=["results/gym/ant/evals.csv"], out="results/gym/ant",
         readme="experiments/gym/README.md", commands=["experiments/gym/run_walker2d_ant.sh"],
+        predictors=GYM_PREDICTORS,
         notes=[CSV_ONLY, "one lr (1e-3): no lr tuning"]),
     StudySpec(
         name="lm_adamw", task="lm_arith", claim="DoPr-AdamW reaches a higher greedy exact match than AdamW on lm_arith addition",
@@ -89,5 +97,6 @@ STUDIES = {s.name: s for s in [
         metric="test/success_rate", sweep=["results/robomimic/evals.csv"], out="results/robomimic",
         readme="experiments/robomimic/README.md",
         commands=["python run.py -m experiment=robomimic_lift_fewdemo hydra/launcher=local"],
+        secondary=["test/success_rate_k1", "val/action_mse"],
         notes=[CSV_ONLY, "lr is the experiment's default (not recorded in the CSV); 20 eval episodes per run"]),
 ]}

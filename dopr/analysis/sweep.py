@@ -3,8 +3,9 @@
 Two sources give the same frames:
 - a sweep directory: every run dir under it with a ``summary.json`` (resolved config, git, versions)
   and a ``metrics.jsonl`` (one line per evaluation point), as ``run.py`` writes them;
-- a tidy ``evals.csv`` (one row per run x evaluation point, written by ``scripts/aggregate.py``), which
-  is what the committed studies kept; it carries no git SHA or versions, and provenance says so.
+- a tidy ``evals.csv`` (one row per run x evaluation point, written by ``scripts/aggregate.py`` and
+  ``scripts/study.py``) with the same columns, provenance ones (git.sha, versions, ...) included. The
+  first committed studies' CSVs predate those columns; provenance then says they were not recorded.
 
 ``evals``: one row per (run, evaluation point), meta columns first. ``runs_table``: one row per run
 with ``final/<m>`` (last evaluation), ``best/<m>`` (the evaluation that is best by ``m`` itself) and,
@@ -41,6 +42,8 @@ LEGACY_AP_KEYS = {
 EVAL_EPISODE_KEYS = ("task.eval_episodes", "task.test_rollouts")
 META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed", "status", "eval_episodes",
         "steps"]
+# What provenance.json needs about each run, kept as columns so that an evals.csv carries it too.
+PROVENANCE = ["git.sha", "git.dirty", "threads", "machine", "versions", "date"]
 # The data contract's leading columns, in order. The damping column is named after the setting's own
 # name, opt.ap.damping (STUDIES.md §5 calls it opt.damping, its name before the opt.ap rename).
 CONTRACT = ["study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
@@ -75,13 +78,12 @@ def config_value(config: dict, dotted: str):
 
 @dataclass
 class Sweep:
-    """A sweep's evaluation points plus what provenance needs about each run."""
+    """A sweep's evaluation points (with the PROVENANCE columns where the source recorded them)."""
 
     source: str
     evals: pd.DataFrame
-    summaries: list[dict] = field(default_factory=list)  # per run: run, git, versions, threads, date, headline
+    headlines: list[dict] = field(default_factory=list)  # per run: summary.json's headline_metric, higher_is_better
     left_out: list[dict] = field(default_factory=list)  # per run not tabled: run, why
-    recorded: bool = True  # False for CSVs: no git SHA, versions, resolved config
 
 
 def _metric_columns(columns) -> list[str]:
@@ -92,7 +94,7 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
     """Every run under ``sweep_dir``; unfinished runs and runs without evaluations are left out (and
     listed with the reason). ``keys``: further config keys to carry as columns (e.g. opt.ap.max_rows)."""
     sweep_dir = Path(sweep_dir)
-    rows, summaries, left_out = [], [], []
+    rows, headlines, left_out = [], [], []
     paths = sorted(sweep_dir.rglob("summary.json"))
     if not paths:
         raise SystemExit(f"sweep={sweep_dir}: no summary.json under it; point sweep= at a run.py -m sweep dir "
@@ -120,20 +122,22 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
                                       None),
                 "steps": config_value(config, "trainer.steps")}
         meta.update({k: config_value(config, k) for k in keys})
+        git = summary.get("git") or {}
+        meta.update({"git.sha": git.get("sha"), "git.dirty": git.get("dirty"),
+                     "threads": summary.get("threads", config_value(config, "trainer.threads")),
+                     "machine": json.dumps(summary["machine"], sort_keys=True) if summary.get("machine") else None,
+                     "versions": json.dumps(summary.get("versions"), sort_keys=True) if summary.get("versions") else None,
+                     "date": datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc).isoformat(
+                         timespec="seconds")})
         for record in records:
             rows.append({**meta, **{k: v for k, v in record.items() if k in ("step", "wall_time")
                                     or k.startswith(("train/", "val/", "test/"))}})
-        summaries.append({
-            "run": run, "git": summary.get("git"), "versions": summary.get("versions"),
-            "threads": summary.get("threads", config_value(config, "trainer.threads")),
-            "machine": summary.get("machine"), "headline_metric": summary.get("headline_metric"),
-            "higher_is_better": summary.get("higher_is_better"),
-            "date": datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
-        })
+        headlines.append({"run": run, "headline_metric": summary.get("headline_metric"),
+                          "higher_is_better": summary.get("higher_is_better")})
     if not rows:
         raise SystemExit(f"sweep={sweep_dir}: no finished run with evaluations ({len(left_out)} left out: "
                          f"{left_out[:3]})")
-    return Sweep(str(sweep_dir), _typed(pd.DataFrame(rows)), summaries, left_out, recorded=True)
+    return Sweep(str(sweep_dir), _typed(pd.DataFrame(rows)), headlines, left_out)
 
 
 def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
@@ -153,8 +157,11 @@ def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
         frame["run"] = [f"{o}/seed={s}" for o, s in zip(frame["opt.name"], frame["seed"])]
     for key, value in (fixed or {}).items():
         if key in frame and frame[key].notna().any():
-            raise SystemExit(f"sweep={path} already has column {key!r}; do not also fix it")
-        frame[key] = value
+            if not (frame[key] == value).all():
+                raise SystemExit(f"sweep={path} records {key} = {sorted(frame[key].unique())}, not the {value} its "
+                                 f"sweep command pinned; check the study's sources")
+        else:
+            frame[key] = value
     frame["ap"] = frame["opt.name"].map(uses_ap)
     frame["gp"] = frame["opt.name"].map(gp_name)
     for column in META:
@@ -168,10 +175,10 @@ def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
             left_out.append({"run": run, "why": f"status {status!r}, not finished"})
         frame = frame[frame["status"] == "finished"]
     frame = frame.drop(columns=[c for c in ("lr",) if c in frame])  # the scheduled lr, not a setting
-    extra = [c for c in frame.columns if c not in META and c not in ("step", "wall_time")
+    extra = [c for c in frame.columns if c not in META and c not in ("step", "wall_time") and c not in PROVENANCE
              and not c.startswith(("train/", "val/", "test/"))]
-    ordered = META + extra + ["step", "wall_time"] + _metric_columns(frame.columns)
-    return Sweep(str(path), _typed(frame[[c for c in ordered if c in frame]]), [], left_out, recorded=False)
+    ordered = META + extra + PROVENANCE + ["step", "wall_time"] + _metric_columns(frame.columns)
+    return Sweep(str(path), _typed(frame[[c for c in ordered if c in frame]]), [], left_out)
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -211,8 +218,7 @@ def concat(sweeps: list[Sweep]) -> Sweep:
             frame["run"] = Path(s.source).name + ":" + frame["run"].astype(str)
         frames.append(frame)
     return Sweep(",".join(s.source for s in sweeps), pd.concat(frames, ignore_index=True),
-                 [x for s in sweeps for x in s.summaries], [x for s in sweeps for x in s.left_out],
-                 recorded=all(s.recorded for s in sweeps))
+                 [x for s in sweeps for x in s.headlines], [x for s in sweeps for x in s.left_out])
 
 
 def directions(metrics: list[str], headline: str | None = None, headline_higher: bool | None = None) -> dict:

@@ -9,4 +9,5 @@ python run.py -m $common opt.ap.stat_interval=10 opt.ap.inverse_interval=10 hydr
 python run.py -m $common opt.ap.ema=0.95 opt.ap.inverse_interval=10 hydra.sweep.dir=multirun/lds_cheap/ema_inv10
 python run.py -m $common opt.ap.max_rows=16 hydra.sweep.dir=multirun/lds_cheap/rows16
 cp -r multirun/lds_study/. multirun/lds_cheap/default/
-python scripts/aggregate.py multirun/lds_cheap --group opt.name opt.ap.stat_interval opt.ap.inverse_interval opt.ap.ema opt.ap.max_rows --out results/lds/cheap
+python scripts/aggregate.py sweep=multirun/lds_cheap group=opt.name,opt.ap.stat_interval,opt.ap.inverse_interval,opt.ap.ema,opt.ap.max_rows out=results/lds/cheap
+python scripts/study.py study=lds_cheap
