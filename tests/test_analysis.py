@@ -133,6 +133,9 @@ def test_mean_interval_rule_for_nan_and_inf():
     assert kept.half_width == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
     worst = mean_interval([1.0, math.inf])
     assert worst.mean == math.inf and worst.half_width == math.inf
+    assert worst.format() == "inf (interval unbounded)"
+    assert Interval(3897.3, 3897.3 - 2612, 3897.3 + 2612, 5).format() == "+3897 ± 2600"  # mean one place finer
+    assert Interval(-0.0887, -0.2987, 0.1213, 5).format() == "-0.089 ± 0.21"
 
 
 def test_direction_rule_and_summary_override():

@@ -78,15 +78,19 @@ class Interval:
         return (self.high - self.low) / 2
 
     def format(self, digits: int = 4) -> str:
-        """``mean ± half`` (``mean (interval unbounded)`` when infinite, ``mean`` alone when n = 1)."""
+        """``mean ± half``: the half-width to 2 significant digits and the mean to one place finer;
+        ``mean (interval unbounded)`` over an infinite value; ``mean`` alone for one value."""
         if self.n == 0:
             return "n/a"
-        mean = f"{self.mean:+.{digits}g}" if math.isfinite(self.mean) else f"{self.mean}"
-        if self.n < 2:
-            return mean
+        plain = f"{self.mean:+.{digits}g}" if math.isfinite(self.mean) else f"{self.mean}"
+        if self.n == 1:
+            return plain
         if not math.isfinite(self.half_width):
-            return f"{mean} (interval unbounded)"
-        return f"{mean} ± {float(f'{self.half_width:.2g}'):g}"  # 2 significant digits, no exponent below 1e6
+            return f"{plain} (interval unbounded)"
+        if self.half_width == 0:
+            return f"{plain} ± 0"
+        decimals = max(0, 2 - math.floor(math.log10(self.half_width)))
+        return f"{self.mean:+.{decimals}f} ± {float(f'{self.half_width:.2g}'):g}"
 
 
 def mean_interval(values) -> Interval:
