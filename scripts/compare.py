@@ -10,8 +10,8 @@ Keys: task (a configs/task name), base (adamw | muon | signum | adamuon; DoPr is
 default runs/compare/<task>_<base>). Any key with a dot (trainer.steps=..., opt.lr=...,
 opt.ap.damping=..., task.batch_size=...) goes to every run as a Hydra override.
 
-Each run is `python run.py ...` with its records in <out>/<opt>/seed<seed>/ and its full output in
-that directory's stdout.log; a finished run is not repeated, so re-running the command resumes.
+Each run is `python run.py ...` (dopr/runner.py) with its records in <out>/<opt>/seed<seed>/ and its
+full output in that directory's stdout.log; a finished run is not repeated, so re-running resumes.
 It prints one line per finished run, then the final val/loss and test metrics of both optimizers
 (mean and standard deviation over the seeds), the paired DoPr-minus-base difference with its 95%
 interval, and writes <out>/val_vs_test.png (one point per run).
@@ -19,12 +19,7 @@ interval, and writes <out>/val_vs_test.png (one point per run).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from dopr.analysis.stats import higher_is_better, paired_difference  # noqa: E402
 from dopr.cli import parse_overrides  # noqa: E402
+from dopr.runner import Job, run_jobs  # noqa: E402
 
 GPS = ("adamw", "muon", "signum", "adamuon")
 KEYS = {"task": "lds", "base": "adamw", "seeds": "0,1,2,3,4", "jobs": "2", "out": ""}
@@ -65,41 +61,17 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return cfg, overrides
 
 
-def run_dir(cfg: dict, opt: str, seed: int) -> Path:
-    return cfg["out"] / opt / f"seed{seed}"
+def jobs(cfg: dict, overrides: list[str]) -> list[Job]:
+    return [Job(cfg["out"] / opt / f"seed{seed}", (f"task={cfg['task']}", f"opt={opt}", f"seed={seed}", *overrides))
+            for seed in cfg["seeds"] for opt in (cfg["base"], f"dopr_{cfg['base']}")]
 
 
-def finished(path: Path) -> dict | None:
-    summary = path / "summary.json"
-    if summary.exists():
-        data = json.loads(summary.read_text())
-        if data.get("status") == "finished":
-            return data
-    return None
-
-
-def train(cfg: dict, overrides: list[str], opt: str, seed: int) -> dict:
-    path = run_dir(cfg, opt, seed)
-    done = finished(path)
-    if done is not None:
-        return done
-    path.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "run.py"), f"task={cfg['task']}", f"opt={opt}", f"seed={seed}",
-               "logger=none", "trainer.progress=false", "trainer.threads=1", f"hydra.run.dir={path}",
-               # an interrupted run continues from its own checkpoint (never a sibling's)
-               f"resume={path}" if (path / "checkpoint.pt").exists() else "resume=false", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.time()
-    with open(path / "stdout.log", "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    summary = finished(path)
-    if code != 0 or summary is None:
-        tail = (path / "stdout.log").read_text().strip().splitlines()[-15:]
-        raise SystemExit(f"{opt} seed {seed} failed (exit {code}); the end of {path / 'stdout.log'}:\n" + "\n".join(tail))
+def show(job: Job, summary: dict, seconds: float) -> None:
+    opt, seed = job.run_dir.parent.name, job.run_dir.name.removeprefix("seed")
     headline = summary["headline_metric"]
-    print(f"[compare] {opt:<12} seed {seed}: {time.time() - t0:5.0f} s  val/loss={summary['last']['val/loss']:.4g}  "
+    took = f"{seconds:5.0f} s" if seconds else "  (done)"
+    print(f"[compare] {opt:<12} seed {seed}: {took}  val/loss={summary['last']['val/loss']:.4g}  "
           f"{headline}={summary['last'][headline]:.4g}", flush=True)
-    return summary
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -163,13 +135,13 @@ def _figure(cfg: dict, value: dict, headline: str, path: Path) -> None:
 def main(argv: list[str]) -> None:
     cfg, overrides = parse(argv)
     cfg["out"].mkdir(parents=True, exist_ok=True)
-    runs = [(opt, s) for s in cfg["seeds"] for opt in (cfg["base"], f"dopr_{cfg['base']}")]
+    todo = jobs(cfg, overrides)
     extra = f" with {' '.join(overrides)}" if overrides else ""
     print(f"[compare] {cfg['task']}: {cfg['base']} vs dopr_{cfg['base']}, seeds {cfg['seeds']}{extra}; "
           f"{cfg['jobs']} at a time, 1 thread each; records under {cfg['out']}", flush=True)
-    with ThreadPoolExecutor(cfg["jobs"]) as pool:
-        results = list(pool.map(lambda r: train(cfg, overrides, *r), runs))
-    report(cfg, dict(zip(runs, results)))
+    summaries = run_jobs(todo, cfg["jobs"], on_done=show)
+    keys = [(job.run_dir.parent.name, int(job.run_dir.name.removeprefix("seed"))) for job in todo]
+    report(cfg, dict(zip(keys, summaries)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Run a study's sweeps in the order ../shared/STUDIES.md asks for, resumably, two runs at a time.
+
+    python scripts/run_study.py plan=lds_anisotropy            # configs/study/lds_anisotropy.yaml
+    python scripts/run_study.py plan=lds_anisotropy jobs=2 stage=tune
+
+Stages (each resumes: finished runs are skipped, interrupted ones continue from their checkpoint):
+  tune     every optimizer over the learning-rate grid on the tuning seeds (at the plan's tune_at
+           settings); a grid whose best value (by the best checkpoint of the test metric, mean over
+           tuning seeds) is at an edge is extended by one step that way, up to ``extend`` times; then
+           each DoPr optimizer over the damping grid at its chosen learning rate, extended the same way
+  verdict  every optimizer at its chosen setting on the fresh verdict seeds, for each value of the
+           plan's verdict axis (e.g. task.noise_cond)
+Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
+verdict or all; default all), sweep_root (default multirun/<plan>).
+The choice of each stage is written to <sweep_root>/choice.json; scripts/study.py then makes the
+study's tables from the sweep directories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from dopr.analysis.stats import higher_is_better, is_log_scale  # noqa: E402
+from dopr.cli import parse_overrides  # noqa: E402
+from dopr.runner import Job, run_jobs  # noqa: E402
+
+KEYS = {"plan": None, "jobs": "2", "stage": "all", "sweep_root": ""}
+
+
+def load_plan(name: str) -> dict:
+    path = ROOT / "configs" / "study" / f"{name}.yaml"
+    if not path.exists():
+        plans = sorted(p.stem for p in (ROOT / "configs" / "study").glob("*.yaml"))
+        raise SystemExit(f"plan={name!r}: no {path.relative_to(ROOT)}; plans: {', '.join(plans)}")
+    plan = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    missing = [k for k in ("task", "optimizers", "lrs", "dampings", "tune_seeds", "verdict_seeds", "metric")
+               if k not in plan]
+    if missing:
+        raise SystemExit(f"{path.relative_to(ROOT)} lacks {missing}")
+    overlap = set(plan["tune_seeds"]) & set(plan["verdict_seeds"])
+    if overlap:
+        raise SystemExit(f"{path.relative_to(ROOT)}: seeds {sorted(overlap)} are both tuning and verdict seeds")
+    return plan
+
+
+def _dirname(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items())
+
+
+def job(root: Path, stage: str, plan: dict, opt: str, seed: int, settings: dict, where: dict) -> Job:
+    # The default damping is what the lr stage ran: the same run, not a second copy of it.
+    settings = {k: v for k, v in settings.items()
+                if not (k == "opt.ap.damping" and v == plan.get("default_damping", 1e-3))}
+    run_dir = root / stage / _dirname({**where, "opt": opt, **settings, "seed": seed})
+    overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan.get("overrides", []),
+                 *(f"{k}={v}" for k, v in {**where, **settings}.items()))
+    return Job(run_dir, overrides)
+
+
+def score(jobs: list[Job], summaries: list[dict], metric: str) -> float:
+    """Mean over seeds of the metric at each run's best checkpoint (by that metric), larger is better;
+    ratios are averaged as logs (dopr.analysis.stats.is_log_scale), +inf kept as the worst value."""
+    higher = higher_is_better(metric, summaries[0]["headline_metric"], summaries[0]["higher_is_better"])
+    values = []
+    for j in jobs:
+        records = [json.loads(line) for line in (j.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        points = [r[metric] for r in records if r.get(metric) is not None and not math.isnan(r[metric])]
+        values.append((max if higher else min)(points) if points else math.nan)
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return math.nan
+    with np.errstate(divide="ignore"):
+        mean = float(np.exp(np.nanmean(np.log(values)))) if is_log_scale(metric) else float(np.nanmean(values))
+    return mean if higher else -mean
+
+
+def run_grid(plan, root, stage, opt, key, grid, fixed, seeds, where, jobs, extend, log):
+    """Run ``opt`` over ``key``'s grid, extending it past an edge best; returns (best value, scores)."""
+    grid = sorted(grid)
+    scores: dict[float, float] = {}
+    for _ in range(extend + 1):
+        todo = {v: [job(root, stage, plan, opt, s, {**fixed, key: v}, where) for s in seeds] for v in grid if v not in scores}
+        flat = [j for js in todo.values() for j in js]
+        by_job = dict(zip(flat, run_jobs(flat, jobs, on_done=log)))
+        for v, js in todo.items():
+            scores[v] = score(js, [by_job[j] for j in js], plan["metric"])
+        best = max(scores, key=lambda v: -math.inf if math.isnan(scores[v]) else scores[v])
+        ordered = sorted(scores)
+        step = ordered[1] / ordered[0] if len(ordered) > 1 else 10.0
+        if best == ordered[0]:
+            grid = [best / step]
+        elif best == ordered[-1]:
+            grid = [best * step]
+        else:
+            break
+    return best, scores
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("help", "-h", "--help"):
+        print(__doc__)
+        return
+    args = parse_overrides(argv)
+    unknown = sorted(set(args) - set(KEYS))
+    if unknown or "plan" not in args:
+        raise SystemExit(f"usage: python scripts/run_study.py plan=<name> [jobs=2] [stage=tune|verdict|all]; "
+                         f"unknown keys {unknown}" if unknown else "plan= is required (a configs/study name)")
+    plan = load_plan(args["plan"])
+    jobs = int(args.get("jobs", KEYS["jobs"]))
+    stage = args.get("stage", "all")
+    root = Path(args.get("sweep_root") or ROOT / "multirun" / args["plan"])
+    root.mkdir(parents=True, exist_ok=True)
+    choice_path = root / "choice.json"
+    extend = int(plan.get("extend", 2))
+
+    def log(job: Job, summary: dict, seconds: float) -> None:
+        if seconds:
+            value = summary["last"].get(plan["metric"])
+            print(f"[study] {job.run_dir.relative_to(root)}: {seconds:.0f} s, {plan['metric']}={value:.4g}", flush=True)
+
+    if stage in ("tune", "all"):
+        where = dict(plan.get("tune_at", {}))
+        choice = {}
+        for opt in plan["optimizers"]:
+            lr, lr_scores = run_grid(plan, root, "tune", opt, "opt.lr", plan["lrs"], {}, plan["tune_seeds"],
+                                     where, jobs, extend, log)
+            choice[opt] = {"opt.lr": lr, "lr_scores": lr_scores}
+            print(f"[study] {opt}: lr {lr:g} (scores {', '.join(f'{k:g}: {v:.4g}' for k, v in sorted(lr_scores.items()))})",
+                  flush=True)
+        for opt in [o for o in plan["optimizers"] if o.startswith("dopr_")]:
+            default = plan.get("default_damping", 1e-3)
+            damping, d_scores = run_grid(plan, root, "tune", opt, "opt.ap.damping", plan["dampings"],
+                                         {"opt.lr": choice[opt]["opt.lr"]}, plan["tune_seeds"], where, jobs, extend, log)
+            choice[opt].update({"opt.ap.damping": damping, "damping_scores": d_scores})
+            print(f"[study] {opt}: damping {damping:g} at lr {choice[opt]['opt.lr']:g} (default {default:g})", flush=True)
+        choice_path.write_text(json.dumps(choice, indent=1, default=str) + "\n")
+    if stage in ("verdict", "all"):
+        if not choice_path.exists():
+            raise SystemExit(f"{choice_path} missing: run stage=tune first")
+        choice = json.loads(choice_path.read_text())
+        axis = plan.get("verdict_axis") or {}
+        (key, values), = axis.items() if axis else ((None, [None]),)
+        todo = []
+        for value in values:
+            where = {**plan.get("tune_at", {}), **({key: value} if key else {})}
+            for opt in plan["optimizers"]:
+                settings = {k: v for k, v in choice[opt].items() if k in ("opt.lr", "opt.ap.damping")}
+                todo += [job(root, "verdict", plan, opt, s, settings, where) for s in plan["verdict_seeds"]]
+        print(f"[study] verdict: {len(todo)} runs", flush=True)
+        run_jobs(todo, jobs, on_done=log)
+    print(f"[study] done; records under {root}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
