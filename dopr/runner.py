@@ -45,9 +45,10 @@ def run_job(job: Job) -> tuple[dict, float]:
     if done is not None:
         return done, 0.0
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    resume = f"resume={job.run_dir}" if (job.run_dir / "checkpoint.pt").exists() else "resume=false"
+    # Quoted: a run dir named after its settings holds '=' and ',' (Hydra's override grammar).
+    resume = f"resume='{job.run_dir}'" if (job.run_dir / "checkpoint.pt").exists() else "resume=false"
     command = [sys.executable, str(ROOT / "run.py"), *JOB_OVERRIDES, *job.overrides,
-               f"hydra.run.dir={job.run_dir}", resume]
+               f"hydra.run.dir='{job.run_dir}'", resume]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     with open(job.run_dir / "stdout.log", "a") as log:
