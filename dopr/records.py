@@ -135,6 +135,7 @@ class RunRecorder:
             tags=list(logger.get("tags") or []),
             id=run_id,
             resume="allow",
+            settings=wandb.Settings(quiet=True),  # its per-metric history and summary tables stay in its own log
         )
 
     def log(self, record: dict) -> None:

@@ -136,3 +136,15 @@ def test_summary_records_the_thread_count(tmp_path):
     summary = train(LDSTask(**TASK), OPT, TRAINER, tmp_path, CONFIG)
     assert summary["threads"] == threads and json.loads((tmp_path / "summary.json").read_text())["threads"] == threads
     assert "sha" in summary["git"] and "dirty" in summary["git"]
+
+
+def test_keys_left_out_of_run_dir_names_may_change_on_resume():
+    # resume=true finds a run by its dir name (hydra.job.override_dirname); a key left out of that name can
+    # differ between the run and its resumption, so the config check must allow it
+    from omegaconf import OmegaConf
+
+    from dopr.train import RESUME_MAY_CHANGE
+
+    config = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "config.yaml"))
+    for key in config.hydra.job.config.override_dirname.exclude_keys:
+        assert any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE), key
