@@ -9,8 +9,8 @@ Stages (each resumes: finished runs are skipped, interrupted ones continue from 
            settings); a grid whose best value (by the best checkpoint of the test metric, mean over
            tuning seeds) is at an edge is extended by one step that way, up to ``extend`` times; then
            each DoPr optimizer over the damping grid at its chosen learning rate, extended the same way
-  verdict  every optimizer at its chosen setting on the fresh verdict seeds, for each value of the
-           plan's verdict axis (e.g. task.noise_cond)
+  verdict  every optimizer at its chosen setting on the fresh verdict seeds, in every cell of the
+           plan's verdict_axes (their product, e.g. task.noise_cond, or task.dataset x task.train_episodes)
 Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
 verdict or all; default all), sweep_root (default multirun/<plan>).
 The choice of each stage is written to <sweep_root>/choice.json; scripts/study.py then makes the
@@ -106,6 +106,14 @@ def run_grid(plan, root, stage, opt, key, grid, fixed, seeds, where, jobs, exten
     return best, scores
 
 
+def verdict_cells(plan: dict) -> list[dict]:
+    """The settings the verdict runs at: the product of ``verdict_axes`` ({key: [values]}), or the tuning cell."""
+    cells = [{}]
+    for key, values in (plan.get("verdict_axes") or {}).items():
+        cells = [{**cell, key: value} for cell in cells for value in values]
+    return cells
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] in ("help", "-h", "--help"):
         print(__doc__)
@@ -148,11 +156,9 @@ def main(argv: list[str]) -> None:
         if not choice_path.exists():
             raise SystemExit(f"{choice_path} missing: run stage=tune first")
         choice = json.loads(choice_path.read_text())
-        axis = plan.get("verdict_axis") or {}
-        (key, values), = axis.items() if axis else ((None, [None]),)
         todo = []
-        for value in values:
-            where = {**plan.get("tune_at", {}), **({key: value} if key else {})}
+        for cell in verdict_cells(plan):
+            where = {**plan.get("tune_at", {}), **cell}
             for opt in plan["optimizers"]:
                 settings = {k: v for k, v in choice[opt].items() if k in ("opt.lr", "opt.ap.damping")}
                 todo += [job(root, "verdict", plan, opt, s, settings, where) for s in plan["verdict_seeds"]]
