@@ -71,7 +71,10 @@ def _worker_main(connection, env_kwargs: dict) -> None:
     worker = _LocalWorker(env_kwargs)
     connection.send("ready")
     while True:
-        command, args = connection.recv()
+        try:
+            command, args = connection.recv()
+        except EOFError:  # the parent exited without closing the pool: nothing left to do
+            return
         try:
             worker.send(command, *args)
             connection.send(("ok", worker.recv()))
