@@ -80,6 +80,17 @@ def test_seeded_resets_repeat_and_differ(lift_env):
     assert np.abs(a - b).max() > 1e-3
 
 
+def test_scene_is_the_same_in_every_env(lift_env):
+    """Lift's cube side is drawn when the scene is built; it must not depend on the process or instance
+    (unseeded, demo generation and each clone's evaluation each got their own cube)."""
+    other = RobosuiteEnv(make_env_args("Lift"))
+    try:
+        np.testing.assert_array_equal(other.env.cube.size, lift_env.env.cube.size)
+        np.testing.assert_array_equal(other.reset(seed=4)["object"], lift_env.reset(seed=4)["object"])
+    finally:
+        other.close()
+
+
 def test_missing_env_name_is_a_clear_error():
     with pytest.raises(ValueError, match="env_name"):
         RobosuiteEnv({"env_kwargs": {}})

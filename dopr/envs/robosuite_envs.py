@@ -199,6 +199,10 @@ class RobosuiteEnv:
             has_offscreen_renderer=bool(camera_names),
             use_camera_obs=bool(camera_names),
             hard_reset=False,  # re-building the model on every reset costs ~0.3 s and changes nothing
+            # The scene's own draws (Lift's cube side, 0.020-0.022 m) come from env.rng at construction,
+            # which robosuite seeds from fresh entropy unless given a seed: every process (demo
+            # generation, each clone's evaluation) got its own cube. Resets reseed env.rng per episode.
+            seed=0,
             ignore_done=True,  # episode length is the rollout's business
         )
         if camera_names:
