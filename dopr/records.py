@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import secrets
 import subprocess
 from importlib import metadata
@@ -80,6 +81,26 @@ def git_revision() -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
+def machine() -> dict[str, Any]:
+    """The machine a result came from: platform, CPU model, core count, Python (and GPU, if any)."""
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return info
+
+
 def _clean(value: Any) -> Any:
     """NaN becomes null; inf stays (Python's json writes and reads it as Infinity), since a diverged
     rollout's infinite cost is a result, not a missing value."""
@@ -106,7 +127,8 @@ class RunRecorder:
         self.headline = headline
         self.higher_is_better = higher_is_better
         self.records: list[dict] = []
-        self.provenance = {"git": git_revision(), "versions": package_versions(), "threads": threads}
+        self.provenance = {"git": git_revision(), "versions": package_versions(), "threads": threads,
+                           "machine": machine()}
         if resume_step is not None and self.metrics_path.exists():
             # Keep what the checkpoint covers; lines written after it are re-earned by the resumed run.
             kept = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]

@@ -19,9 +19,7 @@ Candidates (n < d: the batch-space forms apply):
 
 from __future__ import annotations
 
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dopr.cli import parse_overrides  # noqa: E402
+from dopr.records import git_revision  # noqa: E402
+from dopr.records import machine as machine_info  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 DAMPING = 1e-3
@@ -98,11 +98,9 @@ CANDIDATES = [primal_fp32, woodbury_fp32, woodbury_nn64, woodbury_refine, woodbu
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    return f"{cpu}, {platform.machine()}, torch {torch.__version__}, git {sha or 'unknown'}"
+    info = machine_info()
+    sha = git_revision()["sha"]
+    return f"{info['cpu']} ({info['platform']}), torch {torch.__version__}, git {sha[:7] if sha else 'unknown'}"
 
 
 def main(argv: list[str]) -> None:

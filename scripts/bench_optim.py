@@ -25,7 +25,6 @@ Keys (key=value, like run.py's overrides):
 from __future__ import annotations
 
 import json
-import platform
 import random
 import statistics
 import sys
@@ -38,6 +37,7 @@ from torch import nn
 
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.optim import build_optimizer
+from dopr.records import machine as machine_info
 from dopr.script_args import parse_script_args
 
 WORKLOADS = ("mlp", "gpt")
@@ -165,9 +165,9 @@ def main(argv: list[str]) -> None:
     args = parse_script_args(argv, BenchArgs, __doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if args.device.startswith("cuda"):
-        machine += f", {torch.cuda.get_device_name()}"
+    info = machine_info()
+    machine = (f"{info['cpu']} ({info['cores']} cores, {info['platform']}), {torch.get_num_threads()} torch threads, "
+               f"torch {torch.__version__}" + (f", {info['gpu']}" if "gpu" in info else ""))
     names = [(n, (n, {})) for pair in PAIRS for n in pair]
     names += [(f"{d}+cheap", (d, CHEAP)) for _, d in PAIRS]
     names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap=dict(solver="primal"))))]  # without the batch-space path

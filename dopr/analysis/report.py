@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import subprocess
 from collections import Counter
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dopr.records import machine
 from dopr.analysis.stats import (Interval, bootstrap_spearman, higher_is_better, is_log_scale, mean_interval,
                                  paired_difference)
 from dopr.analysis.sweep import Sweep, finite_or_none
@@ -241,20 +241,6 @@ def data_commit(path: Path) -> dict:
         return {"sha": out[-2], "date": out[-1]} if out else {"sha": None, "date": None}
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "date": None}
-
-
-def machine() -> dict:
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def provenance(sweep: Sweep, runs: pd.DataFrame, commands: list[str], analysis_command: str,
