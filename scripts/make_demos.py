@@ -1,12 +1,15 @@
 """Generate scripted-expert demonstrations in the robomimic hdf5 layout.
 
-    python scripts/make_demos.py env=Lift num_demos=100 out=data/robomimic/lift_low_dim.hdf5
+    python scripts/make_demos.py env=Lift num_demos=60      # data/robomimic/Lift_low_dim_60demos_seed0.hdf5
     python scripts/make_demos.py env=can num_demos=50 cameras=[agentview,robot0_eye_in_hand] \\
         out=data/robomimic/can_image.hdf5
 
 Keys (key=value, like run.py's overrides):
     env             required: Lift, PickPlaceCan, NutAssemblySquare or an alias (lift, can, square)
-    out             required: output .hdf5 path (keep it under data/, which git ignores)
+    out             output .hdf5 path (a relative one is taken against the repo root); default: the file
+                    task=robomimic_* with dataset=null reads, <demos_dir>/<env>_<obs>_<num_demos>demos_seed<seed>.hdf5
+    demos_dir       where the default out goes, as task.demos_dir (default <repo>/data/robomimic, the
+                    default ${paths.data}/robomimic; data/ is git-ignored)
     num_demos       successful demonstrations to write (default 100)
     seed            seed of the expert's randomization and action noise (default 0)
     noise           std of Gaussian action noise (default 0.05)
@@ -29,13 +32,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dopr.envs.scripted import ENV_ALIASES, EXPERTS, generate_demos  # noqa: E402
+from dopr.paths import resolve  # noqa: E402
 from dopr.script_args import parse_script_args  # noqa: E402
+from dopr.tasks.robomimic import DEFAULT_DEMOS_DIR, generated_demos_path  # noqa: E402
 
 
 @dataclass
 class MakeDemosArgs:
     env: str
-    out: str
+    out: str | None = None
+    demos_dir: str | None = None
     num_demos: int = 100
     seed: int = 0
     noise: float = 0.05
@@ -55,10 +61,14 @@ class MakeDemosArgs:
 
 def main(argv: list[str]) -> dict:
     args = parse_script_args(argv, MakeDemosArgs, __doc__)
+    env_name = ENV_ALIASES.get(args.env, args.env)
+    obs = "image" if args.cameras else "low_dim"
+    out = resolve(args.out) if args.out else generated_demos_path(
+        args.demos_dir or DEFAULT_DEMOS_DIR, env_name, obs, args.num_demos, args.seed)
     stats = generate_demos(
-        ENV_ALIASES.get(args.env, args.env),
+        env_name,
         args.num_demos,
-        args.out,
+        str(out),
         seed=args.seed,
         action_noise=args.noise,
         randomize=args.randomize,

@@ -4,6 +4,9 @@
         episodes=20 [action_noise=0.0] [seed=0] [dataset_id=dopr/halfcheetah/ars-expert-v0] \
         [datasets_path=data/minari] [overwrite=false]
 
+``datasets_path`` is the Minari root the gym tasks read (``${paths.data}/minari``; a relative path is
+taken against the repo root); it defaults to <repo>/data/minari, the default ``paths.data``.
+
 ``expert=random`` writes uniformly random actions (an expert-free dataset, used by the tests).
 ``action_noise`` adds N(0, action_noise^2) to the executed (and recorded) actions, then clips to
 the action bounds, for noisier demonstrations. Episode i is reset with seed ``seed + i``.
@@ -17,13 +20,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dopr.cli import is_true, parse_overrides  # noqa: E402
+from dopr.data.minari_data import DEFAULT_DATASETS_PATH, resolve_datasets_path  # noqa: E402
 
 
 def default_dataset_id(env_id: str, expert: str) -> str:
@@ -31,7 +35,8 @@ def default_dataset_id(env_id: str, expert: str) -> str:
     return f"dopr/{name}/{'random' if expert == 'random' else 'ars-expert'}-v0"
 
 
-def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str, datasets_path: str | Path,
+def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str,
+                datasets_path: str | Path = DEFAULT_DATASETS_PATH,
                 seed: int = 0, action_noise: float = 0.0, overwrite: bool = False) -> dict:
     """Write ``episodes`` rollouts of ``expert`` (a checkpoint path or 'random') as a Minari dataset."""
     if episodes < 1:
@@ -45,9 +50,7 @@ def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str, datase
     except ValueError as error:
         raise ValueError(f"bad dataset_id {dataset_id!r}: use '<namespace>/<env>/<name>-v<N>' such as "
                          f"'dopr/hopper/ars-expert-v0' (namespaces need >= 2 characters). {error}") from None
-    datasets_path = Path(datasets_path).resolve()
-    # minari writes under $MINARI_DATASETS_PATH; point it at our root.
-    os.environ["MINARI_DATASETS_PATH"] = str(datasets_path)
+    datasets_path = resolve_datasets_path(datasets_path)
     import gymnasium as gym
     from minari import create_dataset_from_buffers
     from minari.data_collector.episode_buffer import EpisodeBuffer
@@ -103,13 +106,15 @@ def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str, datase
                                      terminations=terminations, truncations=truncations))
         returns.append(sum(rewards))
     # Give ref_min_score explicitly so minari does not roll out 100 random episodes itself.
-    create_dataset_from_buffers(
-        dataset_id=dataset_id, buffer=buffers, env=env_id, eval_env=env_id, algorithm_name=algorithm,
-        code_permalink="scripts/make_gym_demos.py", author="DoPr reproduction",
-        author_email="see the repository README",
-        ref_max_score=None if ref_max_score is None else float(ref_max_score),
-        ref_min_score=0.0 if ref_max_score is not None else None,
-        description=f"{episodes} episodes of {algorithm} on {env_id}, reset seeds {seed}..{seed + episodes - 1}")
+    # minari's writer takes its root only from $MINARI_DATASETS_PATH: ours, for this call only.
+    with mock.patch.dict(os.environ, {"MINARI_DATASETS_PATH": str(datasets_path)}):
+        create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=env_id, eval_env=env_id, algorithm_name=algorithm,
+            code_permalink="scripts/make_gym_demos.py", author="DoPr reproduction",
+            author_email="see the repository README",
+            ref_max_score=None if ref_max_score is None else float(ref_max_score),
+            ref_min_score=0.0 if ref_max_score is not None else None,
+            description=f"{episodes} episodes of {algorithm} on {env_id}, reset seeds {seed}..{seed + episodes - 1}")
     env.close()
     return dict(dataset_id=dataset_id, path=str(target), episodes=episodes,
                 return_mean=float(np.mean(returns)), return_std=float(np.std(returns)))
@@ -122,7 +127,7 @@ def main(argv: list[str]) -> None:
                          "[episodes=20] [action_noise=0.0] [seed=0] [dataset_id=...] [datasets_path=data/minari]")
     info = write_demos(env_id=args["env"], expert=args["expert"], episodes=int(args.get("episodes", 20)),
                        dataset_id=args.get("dataset_id", default_dataset_id(args["env"], args["expert"])),
-                       datasets_path=args.get("datasets_path", REPO_ROOT / "data" / "minari"),
+                       datasets_path=args.get("datasets_path", DEFAULT_DATASETS_PATH),
                        seed=int(args.get("seed", 0)), action_noise=float(args.get("action_noise", 0.0)),
                        overwrite=is_true(args.get("overwrite", "false")))
     print(f"wrote {info['episodes']} episodes to {info['path']}: return {info['return_mean']:.1f} "

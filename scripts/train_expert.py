@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gymnasium as gym  # noqa: E402
 
 from dopr.cli import is_true, parse_overrides  # noqa: E402
 from dopr.envs.linear_expert import LinearPolicy  # noqa: E402
+from dopr.paths import REPO_ROOT  # noqa: E402
 
 # ARS V2-t hyperparameters (Mania et al. 2018, Table 9): directions N, top directions b,
 # step size alpha, exploration noise nu, and the per-step alive bonus removed during training

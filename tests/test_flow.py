@@ -222,7 +222,7 @@ def test_flow_2d_rejects_bad_schedules():
 
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("dopr_cache")
+    cache = tmp_path_factory.mktemp("data") / "cache"  # where paths.data=<data> puts it
     classifier, accuracy = load_or_train_digits_classifier(cache, seed=0)
     return cache, accuracy
 
@@ -278,12 +278,13 @@ def test_dopr_trains_the_conv_unet_through_the_generic_loop(digits_cache, tmp_pa
         cfg_2d = compose("config", overrides=["task=flow_2d", "task.dataset=spirals", "logger=none"])
         assert cfg_2d.task.name == "flow_2d_spirals"
         cfg = compose("config", overrides=["task=flow_digits", "opt=dopr_adamw", "logger=none",
-                                           f"task.cache_dir={cache}", "task.channels=8",
+                                           f"paths.data={cache.parent}", "task.channels=8",
                                            "task.samples_per_class=3", "task.eval_steps=[1,2]",
                                            "task.headline_steps=2", "task.batch_size=16",
                                            "trainer.steps=4", "trainer.eval_every=4", "trainer.progress=false"])
+    assert cfg.task.cache_dir == str(cache)  # the data root moves the classifier cache
     task = instantiate(cfg.task, _convert_="all")
-    assert isinstance(task, FlowDigitsTask)
+    assert isinstance(task, FlowDigitsTask) and len(list(cache.glob("digits_classifier_*.pt"))) == 1
     summary = train(task, OmegaConf.to_container(cfg.opt, resolve=True),
                     TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)), tmp_path,
                     OmegaConf.to_container(cfg, resolve=True), logger=OmegaConf.to_container(cfg.logger, resolve=True))

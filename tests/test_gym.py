@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,9 @@ make_gym_demos = _load_script("make_gym_demos")
 
 @pytest.fixture(scope="module")
 def random_hopper(tmp_path_factory):
-    """8 random-action Hopper-v5 episodes written by minari's own writer into a temp Minari root."""
-    root = tmp_path_factory.mktemp("minari")
+    """8 random-action Hopper-v5 episodes written by minari's own writer into a temp Minari root
+    (``<data>/minari``, laid out as under a ``paths.data`` root)."""
+    root = tmp_path_factory.mktemp("data") / "minari"
     info = make_gym_demos.write_demos("Hopper-v5", "random", episodes=8, dataset_id="test/hopper/random-v0",
                                       datasets_path=root, seed=3)
     return root, info
@@ -201,6 +203,40 @@ def test_task_configs_match_the_task_signature(config):
     assert task_cfg["_target_"] == "dopr.tasks.gym_bc.GymBCTask"
     accepted = set(inspect.signature(GymBCTask.__init__).parameters) | {"name"}
     assert set(task_cfg) - {"_target_"} <= accepted
+
+
+def _compose_gym_task(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=["task=gym_hopper", "task.dataset=test/hopper/random-v0",
+                                            "task.width=16", "task.depth=1", *overrides]).task
+
+
+def test_paths_data_moves_where_gym_tasks_read_their_dataset(random_hopper):
+    from hydra.utils import instantiate
+
+    root, _ = random_hopper
+    assert _compose_gym_task().datasets_path == "data/minari"  # the default root, relative to the repo
+    task = instantiate(_compose_gym_task(f"paths.data={root.parent}"))
+    assert task.n_train_episodes == 6 and task.env_id == "Hopper-v5"
+
+
+def test_relative_data_root_is_taken_against_the_repo_root_not_the_cwd(random_hopper, tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    root, _ = random_hopper
+    monkeypatch.chdir(tmp_path)  # a launcher (or the user) may start the run from anywhere
+    relative = os.path.relpath(root.parent, REPO)
+    assert instantiate(_compose_gym_task(f"paths.data={relative}")).n_train_episodes == 6
+
+
+def test_minari_environment_variable_is_not_a_setting(random_hopper, monkeypatch):
+    # one data root: minari's own variable must not redirect our reader (paths.data does)
+    root, _ = random_hopper
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with pytest.raises(FileNotFoundError, match=str(REPO / "data" / "minari")):
+        load_minari_episodes("test/hopper/random-v0")
 
 
 # ---- committed experts -----------------------------------------------------------------------

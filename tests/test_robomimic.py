@@ -367,3 +367,33 @@ def test_worker_processes_match_in_process_rollouts(lift_file):
         # solver's warm start, which carries ~1e-5 m over from a worker's previous episode)
         np.testing.assert_allclose(a.final_obs["robot0_eef_pos"], b.final_obs["robot0_eef_pos"], atol=1e-3)
     assert np.abs(local[0].final_obs["robot0_eef_pos"] - local[1].final_obs["robot0_eef_pos"]).max() > 1e-3
+
+
+def test_paths_data_moves_where_generated_demos_are_written(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with initialize_config_dir(config_dir=os.path.join(repo, "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=robomimic_lift", f"paths.data={tmp_path}", "task.gen_demos=2",
+                                           "task.unet_channels=[8,16]", "task.val_samples=8"])
+    task = instantiate(cfg.task)  # dataset: null: generates the demos under <paths.data>/robomimic
+    expected = tmp_path / "robomimic" / "Lift_low_dim_2demos_seed0.hdf5"
+    assert task.path == str(expected) and expected.is_file()
+    assert task.num_train_demos == 1 and demo_names(str(expected), "valid")
+
+
+def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    from dopr.tasks.robomimic import generated_demos_path
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_demos", os.path.join(repo, "scripts", "make_demos.py"))
+    make_demos = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "make_demos", make_demos)  # dataclasses resolve annotations through it
+    spec.loader.exec_module(make_demos)
+    make_demos.main(["env=lift", "num_demos=2", "seed=1", f"demos_dir={tmp_path}"])
+    expected = generated_demos_path(tmp_path, "Lift", "low_dim", 2, 1)
+    assert expected == tmp_path / "Lift_low_dim_2demos_seed1.hdf5" and expected.is_file()

@@ -1,8 +1,8 @@
 """Read Minari datasets (written by minari itself or by scripts/make_gym_demos.py) for behavior cloning.
 
-Datasets are looked up under a local root: the ``datasets_path`` argument, else the
-``MINARI_DATASETS_PATH`` environment variable, else ``<repo>/data/minari``. Nothing is ever
-downloaded: a missing dataset is an error that says how to get it.
+Datasets are looked up under a local root: the ``datasets_path`` argument (runs pass
+``${paths.data}/minari``; a relative path is taken against the repo root), else
+``<repo>/data/minari``. Nothing is ever downloaded: a missing dataset is an error that says how to get it.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATASETS_PATH = REPO_ROOT / "data" / "minari"
+from dopr.paths import DEFAULT_DATA, resolve
+
+DEFAULT_DATASETS_PATH = DEFAULT_DATA / "minari"
 
 
 def resolve_datasets_path(datasets_path: str | os.PathLike | None = None) -> Path:
-    """The Minari root directory: explicit argument > $MINARI_DATASETS_PATH > <repo>/data/minari."""
-    if datasets_path:
-        return Path(datasets_path).expanduser()
-    if os.environ.get("MINARI_DATASETS_PATH"):
-        return Path(os.environ["MINARI_DATASETS_PATH"]).expanduser()
-    return DEFAULT_DATASETS_PATH
+    """The Minari root directory: ``datasets_path`` (relative to the repo root), else <repo>/data/minari."""
+    return resolve(datasets_path) if datasets_path else DEFAULT_DATASETS_PATH
 
 
 @dataclass
@@ -69,10 +66,11 @@ def _missing_dataset_message(dataset_id: str, root: Path) -> str:
     return (
         f"Minari dataset '{dataset_id}' not found under {root} (expected {root / dataset_id / 'data'}). "
         f"Available here: {available or 'none'}. To get it: on a machine with network run "
-        f"`MINARI_DATASETS_PATH={root} minari download {dataset_id}` and copy {root / dataset_id} here; "
-        f"or write one locally from a committed expert with `python scripts/make_gym_demos.py "
+        f"`MINARI_DATASETS_PATH=<dir> minari download {dataset_id}` and copy <dir>/{dataset_id} to "
+        f"{root / dataset_id}; or write one locally from a committed expert with `python scripts/make_gym_demos.py "
         f"env=<Gymnasium id> expert=experts/<Gymnasium id>.npz dataset_id={dataset_id} datasets_path={root}`. "
-        f"The root comes from task.datasets_path, else $MINARI_DATASETS_PATH, else <repo>/data/minari.")
+        f"The root is task.datasets_path (default ${{paths.data}}/minari): set paths.data to move every data "
+        f"location, or task.datasets_path for this one.")
 
 
 def load_minari_episodes(dataset_id: str, datasets_path: str | os.PathLike | None = None,

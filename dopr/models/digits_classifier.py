@@ -16,8 +16,10 @@ from torch import nn
 
 from dopr.data.digits import load_digits_splits
 from dopr.flow_metrics import frechet_distance_from_moments, gaussian_moments
+from dopr.paths import DEFAULT_DATA, resolve
 
 CLASSIFIER_VERSION = "v1"
+DEFAULT_CACHE_DIR = DEFAULT_DATA / "cache"  # the flow_digits config passes ${paths.data}/cache
 
 
 class DigitsClassifier(nn.Module):
@@ -60,10 +62,6 @@ def _train_digits_classifier(images: torch.Tensor, labels: torch.Tensor, seed: i
     return classifier.eval()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DOPR_CACHE", Path.home() / ".cache" / "dopr"))
-
-
 def load_or_train_digits_classifier(cache_dir: str | Path | None = None, seed: int = 0
                                     ) -> tuple[DigitsClassifier, float]:
     """The digits classifier behind test/fid and test/acc, trained once (seeded) and cached.
@@ -76,7 +74,7 @@ def load_or_train_digits_classifier(cache_dir: str | Path | None = None, seed: i
     splits = load_digits_splits()
     train_images, train_labels = splits["train"]
     data_hash = hashlib.sha256(train_images.numpy().tobytes() + train_labels.numpy().tobytes()).hexdigest()[:12]
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache_dir = resolve(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
     path = cache_dir / f"digits_classifier_{CLASSIFIER_VERSION}_seed{seed}_{data_hash}.pt"
     classifier = DigitsClassifier()
     if path.exists():

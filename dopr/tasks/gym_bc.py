@@ -1,9 +1,10 @@
 """Behavior cloning on Gymnasium MuJoCo (the paper's first experiment, Sec. 5 / Figure 7).
 
-Data: a local Minari dataset (``dataset=<minari id>``), split by episode into train and held-out
-validation episodes. Model: a residual MLP from normalized observations to actions, trained with
-the L2 (mean squared error) behavior-cloning loss. Evaluation: seeded rollouts of the policy (the
-trainer passes its EMA copy when ``trainer.ema_decay`` is set), reporting
+Data: a local Minari dataset (``dataset=<minari id>`` under ``datasets_path``, which the configs set to
+``${paths.data}/minari``), split by episode into train and held-out validation episodes. Model: a
+residual MLP from normalized observations to actions, trained with the L2 (mean squared error)
+behavior-cloning loss. Evaluation: seeded rollouts of the policy (the trainer passes its EMA copy
+when ``trainer.ema_decay`` is set), reporting
 
   test/return, test/return_std        mean / std of episode returns over ``eval_episodes``
   test/normalized_return              test/return / expert return (the dataset's ref_max_score,

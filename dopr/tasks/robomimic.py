@@ -1,8 +1,9 @@
 """Robot manipulation from robomimic-format demonstrations (the paper's robomimic experiments).
 
 Data: a robomimic-layout hdf5 (``dataset=<path>``): the real low_dim / image datasets, or files
-written by scripts/make_demos.py. With ``dataset: null`` the task uses
-``data/robomimic/<env>_<gen_demos>demos_seed<gen_seed>.hdf5`` and generates it with the scripted
+written by scripts/make_demos.py (a relative path is taken against the repo root). With
+``dataset: null`` the task uses ``<demos_dir>/<env>_<obs>_<gen_demos>demos_seed<gen_seed>.hdf5``
+(``demos_dir`` is ``${paths.data}/robomimic`` in the configs) and generates it with the scripted
 expert on first use. Training demos are ``mask/train`` (or all), of which the first
 ``num_demos`` are used; the validation loss is measured on ``mask/valid`` demos.
 
@@ -32,11 +33,17 @@ from dopr.policies.flow_matching import FlowMatchingPolicy
 from dopr.policies.normalizer import RangeNormalizer
 from dopr.policies.obs_encoder import ObsEncoder
 from dopr.policies.regression import RegressionPolicy
+from dopr.paths import DEFAULT_DATA, resolve
 from dopr.tasks.base import Task, require_at_least
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DEMOS_DIR = DEFAULT_DATA / "robomimic"
 DEFAULT_LOW_DIM_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 DEFAULT_IMAGE_KEYS = ("agentview_image", "robot0_eye_in_hand_image")
+
+
+def generated_demos_path(demos_dir: str | os.PathLike, env_name: str, obs: str, num_demos: int, seed: int) -> Path:
+    """The file ``dataset: null`` generates and reuses (scripts/make_demos.py writes the same name)."""
+    return resolve(demos_dir) / f"{env_name}_{obs}_{num_demos}demos_seed{seed}.hdf5"
 
 
 def build_policy(spec: dict) -> nn.Module:
@@ -96,6 +103,7 @@ class RobomimicTask(Task):
         gen_demos: int = 100,
         gen_seed: int = 0,
         gen_noise: float = 0.05,
+        demos_dir: str | None = None,
         num_demos: int | None = None,
         obs: str = "low_dim",
         low_dim_keys: Sequence[str] = DEFAULT_LOW_DIM_KEYS,
@@ -141,7 +149,8 @@ class RobomimicTask(Task):
                          eval_episodes=eval_episodes, max_episode_steps=max_episode_steps, obs_steps=obs_steps)
         require_at_least(2, gen_demos=gen_demos)  # one of them is held out for the validation loss
         require_at_least(0, num_workers=num_workers)
-        self.path = self._resolve_dataset(dataset, env_name, gen_demos, gen_seed, gen_noise, obs)
+        self.path = self._resolve_dataset(dataset, demos_dir or DEFAULT_DEMOS_DIR, env_name, gen_demos, gen_seed,
+                                          gen_noise, obs)
         self.env_args = read_env_args(self.path)
         image_keys = tuple(image_keys) if obs == "image" else ()
         self.obs_keys = list(low_dim_keys) + list(image_keys)
@@ -195,15 +204,14 @@ class RobomimicTask(Task):
 
     # ----- data -----
     @staticmethod
-    def _resolve_dataset(dataset, env_name, gen_demos, gen_seed, gen_noise, obs) -> str:
+    def _resolve_dataset(dataset, demos_dir, env_name, gen_demos, gen_seed, gen_noise, obs) -> str:
         if dataset is not None:
-            path = str(dataset) if os.path.isabs(str(dataset)) else str(REPO_ROOT / str(dataset))
-            if not os.path.exists(path) and os.path.exists(str(dataset)):
-                path = str(dataset)
-            return path  # a missing file is reported by read_env_args, with where to get the real ones
+            path = resolve(dataset)
+            if not path.exists() and os.path.exists(str(dataset)):  # a relative path given from the cwd
+                path = Path(dataset)
+            return str(path)  # a missing file is reported by read_env_args, with where to get the real ones
         cameras = [k[: -len("_image")] for k in DEFAULT_IMAGE_KEYS] if obs == "image" else []
-        kind = "image" if cameras else "low_dim"
-        path = REPO_ROOT / "data" / "robomimic" / f"{env_name}_{kind}_{gen_demos}demos_seed{gen_seed}.hdf5"
+        path = generated_demos_path(demos_dir, env_name, obs, gen_demos, gen_seed)
         if not path.exists():
             from dopr.envs.scripted import generate_demos
 
