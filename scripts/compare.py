@@ -122,7 +122,11 @@ def _figure(cfg: dict, value: dict, headline: str, path: Path) -> None:
         ys = [value[(opt, s)][headline] for s in cfg["seeds"]]
         ax.scatter(xs, ys, color=color, label=opt)
     if "ratio" in headline:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))
     ax.set_xlabel("val/loss (one-step)")
     ax.set_ylabel(f"{headline} (test time)")
     ax.set_title(f"{cfg['task']}: one point per seed")
