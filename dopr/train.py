@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dopr.optim import build_optimizer
 from dopr.records import RunRecorder, atomic_write
@@ -92,12 +92,16 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+def build_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An EMA copy of ``model`` (parameters and buffers), updated by ``update_parameters(model)``.
+
+    Build it before the optimizer: the copy must not carry AP's hooks. AveragedModel's first update
+    copies the weights; making that update here, on the initial weights, starts the average at
+    initialization (ema_1 = decay * w_0 + (1 - decay) * w_1), as every committed run did.
+    """
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
+    ema.update_parameters(model)
+    return ema
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -182,7 +186,7 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
     seed_everything(task.seed)
 
     model = task.build_model()
-    ema = copy.deepcopy(model).requires_grad_(False) if trainer.ema_decay else None  # before AP hooks exist
+    ema = build_ema(model, trainer.ema_decay) if trainer.ema_decay else None  # before AP hooks exist
     optimizer = build_optimizer(model, **opt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, trainer))
 
@@ -197,7 +201,7 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
                 f"or start a new run with resume=false")
         model.load_state_dict(ckpt["model"])
         if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start, elapsed = int(ckpt["step"]), float(ckpt["wall_time"])
@@ -229,7 +233,7 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                update_ema(ema, model, trainer.ema_decay)
+                ema.update_parameters(model)
             loss_sum += loss.item()
             loss_count += 1
             done = step + 1
@@ -237,13 +241,15 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4g}")
             if done % trainer.eval_every == 0 or done == trainer.steps:
-                metrics = evaluate_model(task, ema if ema is not None else model)
+                metrics = evaluate_model(task, ema.module if ema is not None else model)
                 record = {"step": done, "train/loss": loss_sum / loss_count, **metrics,
                           "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time() - t0}
                 recorder.log(record)
                 loss_sum, loss_count = 0.0, 0
                 save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                    # the EMA weights as a plain state dict of the task's model (what policy_from_checkpoint
+                    # loads); AveragedModel's n_averaged is not needed: its EMA ignores the count
+                    "model": model.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "step": done, "wall_time": record["wall_time"],
                     "config": config, "task_state": task.state(),

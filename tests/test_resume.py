@@ -148,3 +148,20 @@ def test_keys_left_out_of_run_dir_names_may_change_on_resume():
     config = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "config.yaml"))
     for key in config.hydra.job.config.override_dirname.exclude_keys:
         assert any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE), key
+
+
+def test_ema_starts_from_the_initial_weights(tmp_path):
+    # AveragedModel's first update copies the weights; the trainer makes that update at initialization,
+    # so after one step ema = decay * w_0 + (1 - decay) * w_1, as with the hand-written EMA it replaced
+    from dopr.train import seed_everything
+
+    task = LDSTask(**TASK)
+    seed_everything(task.seed)
+    initial = task.build_model().state_dict()
+    one_step = TrainerConfig(steps=1, eval_every=1, ema_decay=0.75, progress=False)
+    train(LDSTask(**TASK), OPT, one_step, tmp_path, CONFIG)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
+    assert set(ckpt["ema"]) == set(ckpt["model"])  # a plain state dict of the task's model
+    for name, after_one_step in ckpt["model"].items():
+        assert not torch.equal(after_one_step, initial[name])
+        torch.testing.assert_close(ckpt["ema"][name], 0.75 * initial[name] + 0.25 * after_one_step)

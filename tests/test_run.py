@@ -94,6 +94,8 @@ def test_resume_reaches_the_same_final_metrics(tmp_path, opt):
     resumed = train(LDSTask(**kw), {"name": opt, "lr": 3e-3}, cfg, tmp_path / "killed", {}, resume=True)
     strip = lambda r: {k: v for k, v in r.items() if k != "wall_time"}  # noqa: E731
     assert strip(resumed["last"]) == strip(full["last"])
+    ema_full, ema_resumed = (load_checkpoint(tmp_path / run / CHECKPOINT)["ema"] for run in ("full", "killed"))
+    assert all(torch.equal(ema_full[k], ema_resumed[k]) for k in ema_full)  # the EMA weights, bit for bit
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
 
