@@ -63,6 +63,16 @@ def test_resume_may_change_logger_device_threads_progress(finished_run):
     assert summary["status"] == "finished" and summary["last"]["step"] == 20
 
 
+def test_resume_may_move_the_data_root(finished_run):
+    # a run from before paths.data (no such keys) or on a machine whose data lives elsewhere resumes
+    moved = json.loads(json.dumps(CONFIG))
+    moved["paths"] = {"data": "/mnt/shared/dopr"}
+    moved["task"].update(datasets_path="/mnt/shared/dopr/minari", demos_dir="/mnt/shared/dopr/robomimic",
+                         cache_dir="/mnt/shared/dopr/cache")
+    summary = train(LDSTask(**TASK), OPT, TRAINER, finished_run, moved, resume=True)
+    assert summary["status"] == "finished" and summary["last"]["step"] == 20
+
+
 @pytest.mark.parametrize("word", [False, 0, "0", "false", "False", "no", "NO", None])
 def test_resume_off_words_start_fresh(tmp_path, word):
     old, new = tmp_path / "sweep" / "old", tmp_path / "sweep" / "new"
