@@ -22,6 +22,8 @@ Keys (a registered study supplies them all; any given here wins):
   secondary=test/a,test/b  further test metrics paired in every cell (at the last evaluation)
   predictors=val/loss   one-step metrics whose Spearman rho with the test metric is reported
   resamples=2000        bootstrap resamples for the Spearman interval
+  verdict_where="task.noise_cond=1e2"  keep only the verdict runs at these settings (";" between several):
+                        one cell of a verdict axis (scripts/run_study.py's verdict_axes), tuning runs untouched
 
 Writes to out/: evals.csv (every evaluation point, with each run's git SHA, versions and threads; only
 when every source is a sweep dir, so that the study can be re-made from committed files), runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
@@ -47,7 +49,7 @@ from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
 from dopr.cli import parse_overrides
 
 KEYS = {"study", "task", "sweep", "out", "metric", "tune_seeds", "verdict_seeds", "cell_keys", "ap_keys", "claim", "readme",
-        "commands", "resamples", "predictors", "secondary"}
+        "commands", "resamples", "predictors", "secondary", "verdict_where"}
 
 
 def parse_seeds(text: str, key: str) -> list[int]:
@@ -63,6 +65,34 @@ def parse_seeds(text: str, key: str) -> list[int]:
         except ValueError:
             raise SystemExit(f"{key}={text!r}: not seeds; write e.g. {key}=0,1,2 or {key}=10-17") from None
     return sorted(seeds)
+
+
+def parse_where(text: str) -> dict:
+    """ "task.noise_cond=1e2;task.dataset=x" -> {"task.noise_cond": 100.0, "task.dataset": "x"}."""
+    where = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if "=" not in part:
+            raise SystemExit(f"verdict_where={text!r}: write key=value pairs separated by ';'")
+        key, value = (x.strip() for x in part.split("=", 1))
+        try:
+            where[key] = float(value)
+        except ValueError:
+            where[key] = value
+    return where
+
+
+def keep_verdict_cell(runs: pd.DataFrame, where: dict) -> pd.DataFrame:
+    """Drop verdict-stage runs that are not at ``where``; tuning runs stay whatever their settings."""
+    keep = runs["stage"] != "verdict"
+    at = pd.Series(True, index=runs.index)
+    for key, value in where.items():
+        if key not in runs:
+            raise SystemExit(f"verdict_where: {key} is not recorded for these runs")
+        column = pd.to_numeric(runs[key], errors="coerce") if isinstance(value, float) else runs[key].astype(str)
+        at &= column == value
+    if not (at & ~keep).any():
+        raise SystemExit(f"verdict_where={where}: no verdict run is at these settings")
+    return runs[keep | at]
 
 
 def parse_keys(text: str) -> list[str]:
@@ -95,6 +125,8 @@ def spec_from(args: dict) -> StudySpec:
     for key in ("cell_keys", "ap_keys", "predictors", "secondary"):
         if key in args:
             overrides[key] = parse_keys(args[key])
+    if "verdict_where" in args:
+        overrides["verdict_where"] = parse_where(args["verdict_where"])
     return StudySpec(**{**spec.__dict__, **overrides})
 
 
@@ -106,7 +138,8 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     if set(tune) & set(verdict_seeds):
         raise SystemExit(f"seeds {sorted(set(tune) & set(verdict_seeds))} are in both tune_seeds= and verdict_seeds=; "
                          f"a verdict needs seeds never used in tuning")
-    keys = spec.cell_keys + spec.ap_keys
+    settings = spec.cell_keys + spec.ap_keys  # what tuning chooses
+    keys = settings + [k for k in spec.verdict_where if k not in settings]  # columns carried into runs.csv
     sweep = concat([read_sweep(s, keys, spec.fixed) for s in spec.sweep])
     if sweep.evals["task"].isna().any():
         if not spec.task:
@@ -120,6 +153,8 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     metrics = [c for c in sweep.evals.columns if c.startswith(("val/", "test/"))]
     stage_of = {s: "tune" for s in tune} | {s: "verdict" for s in verdict_seeds}
     runs = runs_table(sweep, spec.name, stage_of, directions(metrics, metric, better), keys=keys)
+    if spec.verdict_where:
+        runs = keep_verdict_cell(runs, spec.verdict_where)
     out.mkdir(parents=True, exist_ok=True)
     if all(Path(source).is_dir() for source in spec.sweep):  # keep the evaluation points (and provenance) with the study
         sweep.evals.to_csv(out / "evals.csv", index=False)
@@ -131,9 +166,9 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     cells_all = pd.concat([cells, *others], ignore_index=True)
     cells_all.to_csv(out / "cells.csv", index=False)
     lead = ["task", "stage", "gp"] + spec.cell_keys + spec.ap_keys + ["pick", "metric"]
-    choice = report.choose_settings(runs, metric, better, keys)
+    choice = report.choose_settings(runs, metric, better, settings)
     choice.to_csv(out / "choice.csv", index=False)
-    headline = pd.concat([report.headline_comparison(runs, metric, better, choice, keys, pick=pick)
+    headline = pd.concat([report.headline_comparison(runs, metric, better, choice, settings, pick=pick)
                           for pick in report.PICKS], ignore_index=True)
     headline.to_csv(out / "headline.csv", index=False)
     grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid

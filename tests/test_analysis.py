@@ -243,3 +243,17 @@ def test_results_table_replaces_only_the_marked_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="results-table:start"):
         results_table.main([f"readme={readme}", f"rows={rows}"])
+
+
+def test_verdict_where_keeps_one_cell_of_a_verdict_axis():
+    study = load_script("study")
+    runs = pd.DataFrame({"stage": ["tune", "tune", "verdict", "verdict", "verdict"],
+                         "task.noise_cond": [1e6, 1e6, 1.0, 1e6, 1e6], "seed": [0, 1, 10, 10, 11]})
+    where = study.parse_where("task.noise_cond=1e6")
+    assert where == {"task.noise_cond": 1e6}
+    kept = study.keep_verdict_cell(runs, where)
+    assert kept["seed"].tolist() == [0, 1, 10, 11] and (kept.loc[kept["stage"] == "verdict", "task.noise_cond"] == 1e6).all()
+    with pytest.raises(SystemExit, match="no verdict run"):
+        study.keep_verdict_cell(runs, {"task.noise_cond": 3.0})
+    with pytest.raises(SystemExit, match="not recorded"):
+        study.keep_verdict_cell(runs, {"task.dataset": "x"})

@@ -26,6 +26,7 @@ class StudySpec:
     predictors: list[str] = field(default_factory=lambda: ["val/loss"])  # one-step metrics correlated with the test one
     secondary: list[str] = field(default_factory=list)  # further test metrics paired in every cell (last evaluation)
     notes: list[str] = field(default_factory=list)
+    verdict_where: dict = field(default_factory=dict)  # one cell of a verdict axis: the verdict runs kept
 
 
 CSV_ONLY = ("committed data are an aggregated evals.csv: no git SHA, package versions or resolved config per run; "
