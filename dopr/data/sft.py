@@ -10,7 +10,7 @@ Every example becomes ``(prompt, completion, reference_answer)``. The completion
 ``#### <answer>`` line so that a model fine-tuned on either schema writes its final answer the same
 way, and the extractor reads ``#### N`` first, then ``\\boxed{N}``, then the last number.
 
-``python -m dopr.data.sft --tiny-fixture DIR`` writes a tiny random Llama model, a character-level
+``python -m dopr.data.sft tiny_fixture=DIR`` writes a tiny random Llama model, a character-level
 tokenizer and a GSM8K-schema jsonl to DIR, for offline smoke runs of ``task=llm_sft``.
 """
 
@@ -179,9 +179,12 @@ def write_tiny_fixture(out_dir: str | Path, n_examples: int = 64, answer_of=lamb
 
 
 if __name__ == "__main__":
-    import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny-fixture", metavar="DIR", required=True, help="where to write the fixture")
-    paths = write_tiny_fixture(parser.parse_args().tiny_fixture)
+    from dopr.cli import parse_overrides
+
+    args = parse_overrides(sys.argv[1:])
+    if set(args) != {"tiny_fixture"}:
+        raise SystemExit("usage: python -m dopr.data.sft tiny_fixture=DIR  (writes a tiny offline model and dataset)")
+    paths = write_tiny_fixture(args["tiny_fixture"])
     print(f"task.model={paths['model']} task.dataset={paths['dataset']}")
