@@ -1,10 +1,18 @@
 #!/usr/bin/env python
 """Regenerate the top README's results table from the studies' row files (readme_row.json, written by
-scripts/study.py), between the markers <!-- results-table:start --> and <!-- results-table:end -->.
+scripts/study.py), between the markers <!-- results-table:start --> and <!-- results-table:end -->,
+and every study table a README includes: a block
+
+    <!-- include: results/lds_anisotropy/cond_1e6/headline.md -->
+    ...
+    <!-- /include -->
+
+in README.md or experiments/*/README.md is replaced by that file (a path from the repo root), so no
+number in them is typed by hand.
 
     python scripts/results_table.py                       # rows from results/**/readme_row.json into README.md
     python scripts/results_table.py check=true            # exit 1 if README.md's table is out of date
-    python scripts/results_table.py readme=README.md rows=results
+    python scripts/results_table.py readme=README.md rows=results experiments=experiments
     python scripts/results_table.py help
 """
 
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +31,20 @@ from dopr.cli import is_true, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-KEYS = {"readme", "rows", "check"}
+INCLUDE = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /include -->)", re.S)
+
+
+def fill_includes(text: str, where: Path, root: Path = ROOT) -> str:
+    """Every include block of ``text`` with the current content of the file it names (from ``root``)."""
+    def body(match: re.Match) -> str:
+        path = root / match["path"]
+        if not path.is_file():
+            raise SystemExit(f"{where}: includes {match['path']}, which does not exist; run scripts/study.py first")
+        content = path.read_text()
+        return f"{match[1]}{content if content.endswith(chr(10)) else content + chr(10)}{match[4]}"
+
+    return INCLUDE.sub(body, text)
+KEYS = {"readme", "rows", "check", "experiments"}
 
 
 def table(rows_dir: Path, readme: Path) -> str:
@@ -56,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{readme} needs one {START} line and one {END} line after it, around the results table")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{table(rows_dir, readme)}{END}{tail}"
+    updates = {readme: fill_includes(f"{head}{START}\n{table(rows_dir, readme)}{END}{tail}", readme)}
+    for other in sorted(Path(args.get("experiments", ROOT / "experiments")).glob("*/README.md")):
+        updates[other] = fill_includes(other.read_text(), other)
+    stale = [path for path, new in updates.items() if new != path.read_text()]
     if is_true(args.get("check", "false")):
-        if new != text:
-            print(f"{readme}: results table is out of date; run python scripts/results_table.py")
-            return 1
-        return 0
-    readme.write_text(new)
-    print(f"wrote the results table of {readme} from {rows_dir}/**/readme_row.json")
+        for path in stale:
+            print(f"{path}: a generated table is out of date; run python scripts/results_table.py")
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(updates[path])
+    print(f"wrote the results table of {readme} from {rows_dir}/**/readme_row.json and the included study tables "
+          f"({len(stale)} file(s) changed)")
     return 0
 
 

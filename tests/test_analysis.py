@@ -233,13 +233,14 @@ def test_results_table_replaces_only_the_marked_block(tmp_path):
                                                             "readme": "experiments/a/README.md"}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results-table:start -->\nstale row\n<!-- results-table:end -->\nrest\n")
-    assert results_table.main([f"readme={readme}", f"rows={rows}"]) == 0
+    none = tmp_path / "no_experiments"
+    assert results_table.main([f"readme={readme}", f"rows={rows}", f"experiments={none}"]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n<!-- results-table:start -->\n| study |") and text.endswith(
         "<!-- results-table:end -->\nrest\n")
     link = os.path.relpath(ROOT / "experiments/a/README.md", tmp_path)  # relative to the README holding the table
     assert "adamw: +1 ± 0.5 (held)" in text and "stale row" not in text and f"[a]({link})" in text
-    assert results_table.main([f"readme={readme}", f"rows={rows}", "check=true"]) == 0
+    assert results_table.main([f"readme={readme}", f"rows={rows}", "check=true", f"experiments={none}"]) == 0
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="results-table:start"):
         results_table.main([f"readme={readme}", f"rows={rows}"])
@@ -257,3 +258,14 @@ def test_verdict_where_keeps_one_cell_of_a_verdict_axis():
         study.keep_verdict_cell(runs, {"task.noise_cond": 3.0})
     with pytest.raises(SystemExit, match="not recorded"):
         study.keep_verdict_cell(runs, {"task.dataset": "x"})
+
+
+def test_include_blocks_are_filled_from_the_named_file(tmp_path):
+    results_table = load_script("results_table")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.md").write_text("| a |\n|---|\n| 1 |\n")
+    text = "x\n<!-- include: results/t.md -->\nold\n<!-- /include -->\ny\n"
+    assert results_table.fill_includes(text, tmp_path / "R.md", tmp_path) == (
+        "x\n<!-- include: results/t.md -->\n| a |\n|---|\n| 1 |\n<!-- /include -->\ny\n")
+    with pytest.raises(SystemExit, match="does not exist"):
+        results_table.fill_includes("<!-- include: results/none.md -->\n<!-- /include -->", tmp_path / "R.md", tmp_path)
