@@ -80,9 +80,9 @@ def test_sweep_threads_respect_the_user_and_other_launchers():
 
 
 def test_rollout_workers_exit_quietly_when_the_pool_is_never_closed():
-    # a task drops its pool at exit without close(): the workers see their pipe close (EOF) first
-    printed = run("-c", "import time; from dopr.envs.robosuite_envs import make_env_args; "
+    # a task drops its pool at exit without close(): gymnasium terminates the workers, silently
+    printed = run("-c", "import time; import numpy as np; from dopr.envs.robosuite_envs import make_env_args; "
                         "from dopr.envs.rollout import EnvPool; pool = EnvPool(make_env_args('Lift'), num_workers=1); "
-                        "pool.workers[0].send('reset', 0); pool.workers[0].recv(); del pool; time.sleep(1); "
-                        "print('done')")
+                        "pool.rollout(lambda w: np.zeros((1, 2, 7)), [0], 2, 1, 2, ['object']); del pool; "
+                        "time.sleep(1); print('done')")
     assert printed.strip() == "done", printed

@@ -177,6 +177,7 @@ class RobosuiteEnv:
         camera_names: cameras to render (empty: no rendering at all, the fast path).
         image_size: rendered image height and width.
         fast_render: switch off shadows and reflections (about 2-3x faster on CPU rendering).
+        render_camera: a camera ``render()`` draws from (an offscreen renderer, no camera observations).
     """
 
     def __init__(
@@ -185,18 +186,19 @@ class RobosuiteEnv:
         camera_names: Sequence[str] = (),
         image_size: int | None = None,
         fast_render: bool = True,
+        render_camera: str | None = None,
     ):
         if "env_name" not in env_args:
             raise ValueError(f"env_args must name the robosuite task under 'env_name'; got keys {sorted(env_args)}")
         camera_names = list(camera_names)
-        if camera_names:
+        if camera_names or render_camera:
             select_gl_backend()
         robosuite = import_robosuite()
 
         kwargs = convert_controller_configs(env_args.get("env_kwargs", {}))
         kwargs.update(
             has_renderer=False,
-            has_offscreen_renderer=bool(camera_names),
+            has_offscreen_renderer=bool(camera_names or render_camera),
             use_camera_obs=bool(camera_names),
             hard_reset=False,  # re-building the model on every reset costs ~0.3 s and changes nothing
             # The scene's own draws (Lift's cube side, 0.020-0.022 m) come from env.rng at construction,
@@ -212,6 +214,7 @@ class RobosuiteEnv:
             kwargs["camera_depths"] = False
         self.env_name = env_args["env_name"]
         self.camera_names = camera_names
+        self.render_camera = render_camera
         self.fast_render = fast_render
         self.env = robosuite.make(self.env_name, **kwargs)
         self._apply_render_options()
@@ -219,7 +222,7 @@ class RobosuiteEnv:
         self.raw_obs: dict | None = None
 
     def _apply_render_options(self) -> None:
-        if self.camera_names and self.fast_render:
+        if (self.camera_names or self.render_camera) and self.fast_render:
             model = self.env.sim.model
             model.light_castshadow[:] = 0
             model.mat_reflectance[:] = 0
@@ -239,6 +242,15 @@ class RobosuiteEnv:
         """One control step. Returns (obs, reward, success)."""
         raw, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
         return self._convert(raw), float(reward), self.is_success()
+
+    def render(self, size: int | None = None) -> np.ndarray:
+        """The ``render_camera`` view of the current state, (size, size, 3) uint8, upright."""
+        from dopr.envs.video import VIDEO_SIZE
+
+        if self.render_camera is None:
+            raise RuntimeError("RobosuiteEnv.render() needs an env built with render_camera=<camera name>")
+        size = size or VIDEO_SIZE
+        return self.env.sim.render(width=size, height=size, camera_name=self.render_camera)[::-1].copy()
 
     @property
     def cameras(self) -> tuple[str, ...]:

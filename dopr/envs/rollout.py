@@ -1,21 +1,36 @@
-"""Seeded policy rollouts over a pool of robosuite envs in worker processes.
+"""Seeded policy rollouts over a pool of robosuite envs: gymnasium's vector envs, one step per chunk.
 
-The policy runs in the calling process on a batch made of every active env's observation
-window; each worker steps its own env through the executed part of the predicted action chunk
-and returns the observations it saw. Episodes are assigned fixed seeds, so two evaluations
-with the same seeds face the same initial scenes whatever the number of workers.
+``ChunkEnv`` is one robosuite episode as a ``gymnasium.Env`` whose step executes the executed
+part of one predicted action chunk (stopping early at success) and whose observation is the
+policy's window of the last ``obs_steps`` observations, so a rollout costs one round trip to a
+worker per chunk. ``EnvPool`` runs ``num_workers`` of them in gymnasium's ``AsyncVectorEnv``
+(which owns the worker processes and their shutdown), or one in this process
+(``SyncVectorEnv``) for ``num_workers=0``; the policy runs in the calling process on the batch of
+every running env's window. Episodes are assigned fixed seeds, so two evaluations with the same
+seeds face the same initial scenes whatever the number of workers.
+
+Why gymnasium and not a hand-written pool: measured on the tiny Lift fixture (5 scripted demos),
+2 workers, an observation-driven Lift policy (12 of 16 episodes succeed, lengths 28-80), 16 seeds,
+about 100 chunks: success and length per seed bit-identical to the hand-written pool (final
+end-effector positions equal to 0.0), and wall time 0.89, 0.94, 0.95 and 0.99 of the hand-written
+pool's (4.1 s vs 4.3 s; two script runs of two repeats each, at nice 0 beside niced studies on a
+shared 2-core machine). One cost it adds: ``AsyncVectorEnv`` builds one env in the parent to read
+the spaces (~2 s for Lift), once per pool.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import functools
+import multiprocessing
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import gymnasium as gym
 import numpy as np
 
 from dopr.envs.robosuite_envs import RobosuiteEnv
+from dopr.envs.video import VIDEO_CAMERA, RolloutVideo
 
 
 @dataclass
@@ -24,120 +39,133 @@ class EpisodeResult:
     success: bool
     length: int
     final_obs: dict = field(default_factory=dict, repr=False)  # the last observation (policy keys)
+    video: RolloutVideo | None = field(default=None, repr=False)  # its frames, when recorded
 
 
-def _execute_chunk(env: RobosuiteEnv, actions: np.ndarray, keep_last: int):
-    """Step through ``actions`` until success; return (last ``keep_last`` obs, steps, success)."""
-    seen = []
-    success = False
-    for action in actions:
-        obs, _, success = env.step(action)
-        seen.append(obs)
-        if success:
-            break
-    return seen[-keep_last:], len(seen), success
+class ChunkEnv(gym.Env):
+    """One robosuite episode, stepped a chunk at a time.
+
+    Action: ``{"actions": (action_steps, A), "count": n}``; the first ``n`` actions are executed
+    (``n=0`` leaves an env with nothing left to do untouched). Observation: ``{key: (obs_steps, ...)}``,
+    the last ``obs_steps`` observations (the first one repeated after a reset). ``terminated`` at
+    success, ``truncated`` after ``max_steps`` env steps; ``info["length"]`` is the episode's steps.
+
+    With ``video=True`` the env has an offscreen renderer, and an episode reset with
+    ``options={"video": True}`` keeps one ``agentview`` frame per state (``take_video()``).
+    """
+
+    def __init__(self, env_kwargs: dict, obs_keys: Sequence[str], obs_steps: int, action_steps: int,
+                 max_steps: int, video: bool = False):
+        self.env = RobosuiteEnv(**env_kwargs, render_camera=VIDEO_CAMERA if video else None)
+        self.obs_keys, self.obs_steps, self.max_steps = list(obs_keys), obs_steps, max_steps
+        self.can_record = video
+        self.fps = int(env_kwargs["env_args"].get("env_kwargs", {}).get("control_freq", 20))
+        first = self._select(self.env.reset(seed=0))
+        self.observation_space = gym.spaces.Dict({
+            k: gym.spaces.Box(*((0, 255) if v.dtype == np.uint8 else (-np.inf, np.inf)), (obs_steps, *v.shape), v.dtype)
+            for k, v in first.items()})
+        self.action_space = gym.spaces.Dict({
+            "actions": gym.spaces.Box(-np.inf, np.inf, (action_steps, self.env.action_dim), np.float64),
+            "count": gym.spaces.Discrete(action_steps + 1)})
+        self._frames: list[np.ndarray] | None = None
+        self._video: RolloutVideo | None = None
+
+    def _select(self, obs: dict) -> dict:
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise KeyError(f"the environment does not produce observation keys {missing}; it has {sorted(obs)}")
+        return {k: np.asarray(obs[k]) for k in self.obs_keys}
+
+    def _window(self) -> dict:
+        return {k: np.stack([h[k] for h in self.history]) for k in self.obs_keys}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        first = self._select(self.env.reset(seed=seed))
+        self.history = deque([first] * self.obs_steps, maxlen=self.obs_steps)
+        self.steps = 0
+        self._frames = [self.env.render()] if self.can_record and (options or {}).get("video") else None
+        return self._window(), {"length": 0}
+
+    def step(self, action: dict):
+        success = False
+        for act in action["actions"][: min(int(action["count"]), self.max_steps - self.steps)]:
+            obs, _, success = self.env.step(act)
+            self.history.append(self._select(obs))
+            self.steps += 1
+            if self._frames is not None:
+                self._frames.append(self.env.render())
+            if success:
+                break
+        done = success or self.steps >= self.max_steps
+        if done and self._frames is not None:
+            self._video, self._frames = RolloutVideo(np.stack(self._frames), self.fps), None
+        return self._window(), 0.0, bool(success), done and not success, {"length": self.steps}
+
+    def take_video(self) -> RolloutVideo | None:
+        """The last recorded episode's frames (once), or None."""
+        video, self._video = self._video, None
+        return video
+
+    def close(self):
+        self.env.close()
 
 
-class _LocalWorker:
-    """The same protocol as a process worker, run in this process (no parallelism, no start cost)."""
+def _make_chunk_env(*args, **kwargs) -> ChunkEnv:
+    if multiprocessing.parent_process() is not None:  # a spawned worker: one thread, the run's log file
+        import os
 
-    def __init__(self, env_kwargs: dict):
-        self.env = RobosuiteEnv(**env_kwargs)
-        self._result = None
+        import torch
 
-    def send(self, command: str, *args) -> None:
-        if command == "reset":
-            self._result = self.env.reset(seed=args[0])
-        elif command == "chunk":
-            self._result = _execute_chunk(self.env, *args)
-        elif command == "close":
-            self.env.close()
-            self._result = None
+        from dopr.run_log import follow_parent_log
 
-    def recv(self):
-        return self._result
-
-
-def _worker_main(connection, env_kwargs: dict) -> None:
-    import os
-
-    import torch
-
-    from dopr.run_log import follow_parent_log
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    follow_parent_log()
-    worker = _LocalWorker(env_kwargs)
-    connection.send("ready")
-    while True:
-        try:
-            command, args = connection.recv()
-        except EOFError:  # the parent exited without closing the pool: nothing left to do
-            return
-        try:
-            worker.send(command, *args)
-            connection.send(("ok", worker.recv()))
-        except Exception as exc:  # report, don't hang the parent
-            connection.send(("error", repr(exc)))
-        if command == "close":
-            connection.close()
-            return
-
-
-class _ProcessWorker:
-    def __init__(self, env_kwargs: dict, context):
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, env_kwargs), daemon=True)
-        self.process.start()
-        child.close()
-        self._ready = False
-
-    def send(self, command: str, *args) -> None:
-        if not self._ready:
-            self.connection.recv()  # "ready": the env is built
-            self._ready = True
-        self.connection.send((command, args))
-
-    def recv(self):
-        status, value = self.connection.recv()
-        if status == "error":
-            raise RuntimeError(f"rollout worker failed: {value}")
-        return value
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        follow_parent_log()
+    return ChunkEnv(*args, **kwargs)
 
 
 class EnvPool:
-    """``num_workers`` robosuite envs; ``num_workers=0`` runs one env in this process.
+    """``num_workers`` robosuite envs in worker processes; ``num_workers=0`` runs one env in this process.
 
     Args:
         env_args: robomimic-style env_args.
         camera_names, image_size: rendering for image observations (none: no rendering).
+        video: give the first env an offscreen renderer, so ``rollout(..., video=True)`` can record.
     """
 
-    def __init__(
-        self, env_args: dict, num_workers: int = 0, camera_names: Sequence[str] = (), image_size: int | None = None
-    ):
-        env_kwargs = dict(env_args=env_args, camera_names=list(camera_names), image_size=image_size)
-        if camera_names:
+    def __init__(self, env_args: dict, num_workers: int = 0, camera_names: Sequence[str] = (),
+                 image_size: int | None = None, video: bool = False):
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: use 0 (one env in this process) or more workers")
+        self.env_kwargs = dict(env_args=env_args, camera_names=list(camera_names), image_size=image_size)
+        self.num_workers, self.video = num_workers, video
+        if camera_names or video:
             from dopr.envs.robosuite_envs import select_gl_backend
 
             select_gl_backend()  # before spawning, so workers inherit MUJOCO_GL
-        if num_workers <= 0:
-            self.workers = [_LocalWorker(env_kwargs)]
-        else:
-            context = mp.get_context("spawn")  # fork after torch/OpenGL initialisation is unsafe
-            self.workers = [_ProcessWorker(env_kwargs, context) for _ in range(num_workers)]
+        self.envs = None  # the vector env, built by the first rollout (its spaces depend on the rollout's shape)
+        self._shape = None
+
+    def _vector_env(self, obs_keys: Sequence[str], obs_steps: int, action_steps: int, max_steps: int):
+        shape = (tuple(obs_keys), obs_steps, action_steps, max_steps)
+        if self.envs is not None and shape == self._shape:
+            return self.envs
+        self.close()
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+        fns = [functools.partial(_make_chunk_env, self.env_kwargs, *shape, video=self.video and index == 0)
+               for index in range(max(1, self.num_workers))]
+        if self.num_workers == 0:
+            self.envs = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+        else:  # spawn: fork after torch/OpenGL initialisation is unsafe
+            self.envs = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+        self._shape = shape
+        return self.envs
 
     def close(self) -> None:
-        for worker in self.workers:
-            try:
-                worker.send("close")
-                worker.recv()
-            except Exception:
-                pass
-            if isinstance(worker, _ProcessWorker):
-                worker.process.join(timeout=5)
-        self.workers = []
+        if self.envs is not None:
+            self.envs.close()
+        self.envs = None
 
     def rollout(
         self,
@@ -147,51 +175,41 @@ class EnvPool:
         obs_steps: int,
         action_steps: int,
         obs_keys: Sequence[str],
+        video: bool = False,
     ) -> list[EpisodeResult]:
         """Run one episode per seed. ``policy(obs_window)`` gets {key: (n, obs_steps, ...)} and
         returns env-space action chunks (n, horizon, A); actions ``obs_steps-1 ...
         obs_steps-1+action_steps`` of each chunk are executed. An episode ends at success or
-        after ``max_steps`` env steps."""
+        after ``max_steps`` env steps. With ``video``, the first seed's result carries its frames."""
+        if video and not self.video:
+            raise ValueError("rollout(video=True) needs a pool built with EnvPool(..., video=True)")
+        envs = self._vector_env(obs_keys, obs_steps, action_steps, max_steps)
         pending = deque(seeds)
-        active: dict[int, dict] = {}  # worker index -> episode state
+        running = [pending.popleft() if pending else None for _ in range(envs.num_envs)]  # seed per env
+        # the first seed always starts in env 0, the one that can record
+        window, _ = envs.reset(seed=running, options={"video": video})
         results = []
-
-        def start(index: int) -> None:
-            seed = pending.popleft()
-            self.workers[index].send("reset", seed)
-            obs = self.workers[index].recv()
-            history = deque([_select(obs, obs_keys)] * obs_steps, maxlen=obs_steps)
-            active[index] = {"seed": seed, "history": history, "steps": 0}
-
-        for index in range(len(self.workers)):
-            if pending:
-                start(index)
-        while active:
-            order = sorted(active)
-            window = {k: np.stack([np.stack([h[k] for h in active[i]["history"]]) for i in order]) for k in obs_keys}
-            chunks = np.asarray(policy(window))
-            executed = chunks[:, obs_steps - 1 : obs_steps - 1 + action_steps]
-            for row, index in enumerate(order):
-                budget = max_steps - active[index]["steps"]
-                self.workers[index].send("chunk", executed[row, :budget], obs_steps)
-            for index in order:
-                seen, steps, success = self.workers[index].recv()
-                state = active[index]
-                state["steps"] += steps
-                state["history"].extend(_select(o, obs_keys) for o in seen)
-                if success or state["steps"] >= max_steps:
-                    results.append(EpisodeResult(state["seed"], bool(success), state["steps"], state["history"][-1]))
-                    del active[index]
-                    if pending:
-                        start(index)
-        return sorted(results, key=lambda r: list(seeds).index(r.seed))
-
-
-def _select(obs: dict, keys: Sequence[str]) -> dict:
-    missing = [k for k in keys if k not in obs]
-    if missing:
-        raise KeyError(f"the environment does not produce observation keys {missing}; it has {sorted(obs)}")
-    return {k: np.asarray(obs[k]) for k in keys}
+        while any(seed is not None for seed in running):
+            active = [i for i, seed in enumerate(running) if seed is not None]
+            chunks = np.asarray(policy({k: v[active] for k, v in window.items()}))
+            executed = np.zeros((envs.num_envs, *envs.single_action_space["actions"].shape))
+            executed[active] = chunks[:, obs_steps - 1 : obs_steps - 1 + action_steps]
+            count = np.array([action_steps if seed is not None else 0 for seed in running])  # idle envs: 0
+            window, _, success, truncated, info = envs.step({"actions": executed, "count": count})
+            restart = [None] * envs.num_envs
+            for i, seed in enumerate(running):
+                if seed is not None and (success[i] or truncated[i]):
+                    final = {k: v[i, -1].copy() for k, v in window.items()}
+                    results.append(EpisodeResult(seed, bool(success[i]), int(info["length"][i]), final))
+                    running[i] = restart[i] = pending.popleft() if pending else None
+            mask = np.array([seed is not None for seed in restart])
+            if mask.any():
+                window, _ = envs.reset(seed=restart, options={"reset_mask": mask})
+        order = {seed: position for position, seed in enumerate(seeds)}
+        results.sort(key=lambda r: order[r.seed])
+        if video and results:
+            results[0].video = envs.call("take_video")[0]
+        return results
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, float]:
