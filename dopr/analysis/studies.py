@@ -5,6 +5,7 @@ an entry; every key can be overridden on its command line (``sweep=``, ``out=``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -101,3 +102,26 @@ STUDIES = {s.name: s for s in [
         secondary=["test/success_rate_k1", "val/action_mse"],
         notes=[CSV_ONLY, "lr is the experiment's default (not recorded in the CSV); 20 eval episodes per run"]),
 ]}
+
+# Studies run by scripts/run_study.py to ../shared/STUDIES.md: one entry per cell of the plan's verdict
+# axes, each a verdict of its own, all read from the one evals.csv that scripts/aggregate.py wrote from
+# the sweep (the run dirs themselves are not committed; evals.csv keeps each run's SHA and versions).
+
+
+def _cells(name: str, plan: str, task: str, claim: str, metric: str, key: str, values: list, label, **extra) -> list:
+    evals = f"results/{name}/evals.csv"
+    commands = [f"python scripts/run_study.py plan={plan}",
+                f"python scripts/aggregate.py sweep=multirun/{plan} out=results/{name} "
+                f"group=opt.name,opt.lr,opt.ap.damping,{key}"]
+    return [StudySpec(name=f"{name}_{label(v)}", task=task, claim=claim.format(v=v), metric=metric, sweep=[evals],
+                      out=f"results/{name}/{label(v)}", readme=f"experiments/{task.split('_')[0]}/README.md",
+                      commands=commands, verdict_where={key: v}, **extra) for v in values]
+
+
+STUDIES.update({s.name: s for s in _cells(
+    "lds_anisotropy", "lds_anisotropy", "lds",
+    "DoPr lowers the LDS closed-loop cost ratio against its GP (2 demonstrations, process-noise condition number {v:g})",
+    "test/cost_ratio", "task.noise_cond", [1.0, 1e2, 1e4, 1e6], lambda v: f"cond1e{round(math.log10(v))}",
+    tune_seeds="0-2", verdict_seeds="10-19", secondary=["test/ttf_shift", "test/final_state_error"],
+    notes=["tuned at noise_cond 1e6; the other conditions reuse those settings"])})
+
