@@ -269,3 +269,8 @@ def test_include_blocks_are_filled_from_the_named_file(tmp_path):
         "x\n<!-- include: results/t.md -->\n| a |\n|---|\n| 1 |\n<!-- /include -->\ny\n")
     with pytest.raises(SystemExit, match="does not exist"):
         results_table.fill_includes("<!-- include: results/none.md -->\n<!-- /include -->", tmp_path / "R.md", tmp_path)
+
+
+def test_committed_readmes_carry_the_current_study_tables():
+    """README.md's results table and every included study table match the committed results files."""
+    assert load_script("results_table").main(["check=true"]) == 0
