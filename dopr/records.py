@@ -161,7 +161,11 @@ class RunRecorder:
         )
 
     def log(self, record: dict) -> None:
-        record = {k: _clean(v) for k, v in record.items()}
+        from dopr.envs.video import RolloutVideo
+
+        for key, video in [(k, v) for k, v in record.items() if isinstance(v, RolloutVideo)]:
+            self.log_video(record["step"], key, video)  # a file and W&B media, not a number in the records
+        record = {k: _clean(v) for k, v in record.items() if not isinstance(v, RolloutVideo)}
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -170,6 +174,16 @@ class RunRecorder:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         self.write_summary(status="running")
+
+    def log_video(self, step: int, key: str, video) -> Path:
+        """Write ``<run_dir>/videos/step<step>.mp4`` (``.gif`` without imageio-ffmpeg) and, with W&B on,
+        log it as ``wandb.Video`` under ``key`` at ``step``."""
+        path = video.write(self.run_dir / "videos" / f"step{step}")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Video(str(path), format=path.suffix[1:])}, step=step)
+        return path
 
     def best(self) -> dict | None:
         scored = [r for r in self.records if r.get(self.headline) is not None]

@@ -50,7 +50,8 @@ class GymBCTask(Task):
                  env_id: str | None = None, train_episodes: int | None = None, val_episodes: int = 2,
                  batch_size: int = 256, width: int = 256, depth: int = 3, expansion: int = 2,
                  eval_episodes: int = 5, eval_seed: int = 100_000, max_eval_steps: int | None = None,
-                 expert_return: float | None = None, val_batch_size: int = 8192, **kwargs: Any):
+                 expert_return: float | None = None, val_batch_size: int = 8192, video: bool = False,
+                 **kwargs: Any):
         super().__init__(seed=seed, device=device)
         unknown = sorted(k for k in kwargs if k != "name")
         if unknown:
@@ -94,6 +95,7 @@ class GymBCTask(Task):
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.width, self.depth, self.expansion = int(width), int(depth), int(expansion)
         self.eval_episodes, self.eval_seed, self.max_eval_steps = int(eval_episodes), int(eval_seed), max_eval_steps
+        self.video = bool(video)  # test/video: the first evaluation episode's frames
         self._train_obs_t = torch.as_tensor(self.train_obs, device=self.device)
         self._train_act_t = torch.as_tensor(self.train_act, device=self.device)
 
@@ -142,9 +144,9 @@ class GymBCTask(Task):
             return model(obs).cpu().numpy()
 
         result = rollout_policy(act, self.env_id, self.eval_episodes, seed=self.eval_seed,
-                                max_steps=self.max_eval_steps)
+                                max_steps=self.max_eval_steps, video=self.video)
         shift = gaussian_state_shift(result.states, self.train_obs)
-        return {
+        metrics = {
             "test/return": result.mean_return,
             "test/return_std": result.std_return,
             "test/normalized_return": result.mean_return / self.expert_return if self.expert_return else float("nan"),
@@ -152,6 +154,9 @@ class GymBCTask(Task):
             "test/state_shift": shift["gaussian_kl"],
             "test/state_mean_shift": shift["mean_distance"],
         }
+        if self.video:
+            metrics["test/video"] = result.video  # to <run_dir>/videos and W&B, not to metrics.jsonl
+        return metrics
 
     def state(self) -> dict[str, Any]:
         return {"env_id": self.env_id, "dataset": self.dataset, "expert_return": self.expert_return,

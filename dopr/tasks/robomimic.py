@@ -16,6 +16,8 @@ Metrics:
   test/success_rate                 rollout success at the first of ``integration_steps``
   test/success_rate_k{K}            success with K Euler steps (flow policy), same seeds
   test/episode_length[_k{K}]        mean episode length (an episode ends at success or max_episode_steps)
+  test/video                        with ``video=True``: the first seed's episode (agentview camera), written
+                                    to <run_dir>/videos/step<step>.mp4 (.gif without imageio-ffmpeg) and W&B
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class RobomimicTask(Task):
         eval_seed: int = 100_000,
         max_episode_steps: int = 200,
         num_workers: int = 0,
+        video: bool = False,
         seed: int = 0,
         device: str = "cpu",
         **kwargs: Any,
@@ -197,7 +200,7 @@ class RobomimicTask(Task):
         )
         self.batch_size, self.val_samples = batch_size, val_samples
         self.eval_episodes, self.eval_seed = eval_episodes, eval_seed
-        self.max_episode_steps, self.num_workers = max_episode_steps, num_workers
+        self.max_episode_steps, self.num_workers, self.video = max_episode_steps, num_workers, bool(video)
         self.num_train_demos, self.num_train_samples = len(train_eps), len(self.train_data)
         self._pool = None
         self._check_env_matches_data()
@@ -315,16 +318,21 @@ class RobomimicTask(Task):
 
         if self._pool is None:
             cameras = [k[: -len("_image")] for k in self.policy_spec["image_keys"]]
-            self._pool = EnvPool(self.env_args, self.num_workers, camera_names=cameras, image_size=self.image_size)
+            self._pool = EnvPool(self.env_args, self.num_workers, camera_names=cameras, image_size=self.image_size,
+                                 video=self.video)
         spec = self.policy_spec
         steps_list = spec["integration_steps"] if spec["policy"] == "flow" else [1]
         seeds = [self.eval_seed + i for i in range(self.eval_episodes)]
         metrics = {}
         for k in steps_list:
             runner = ChunkPolicyRunner(model, self.normalizers, self.action_normalizer, self.device, k)
+            record = self.video and k == steps_list[0]  # one video per evaluation
             results = self._pool.rollout(
-                runner, seeds, self.max_episode_steps, spec["obs_steps"], spec["action_steps"], self.obs_keys
+                runner, seeds, self.max_episode_steps, spec["obs_steps"], spec["action_steps"], self.obs_keys,
+                video=record,
             )
+            if record:
+                metrics["test/video"] = results[0].video
             summary = summarize(results)
             if spec["policy"] == "flow":
                 metrics[f"test/success_rate_k{k}"] = summary["success_rate"]
