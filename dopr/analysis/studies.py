@@ -108,20 +108,24 @@ STUDIES = {s.name: s for s in [
 # the sweep (the run dirs themselves are not committed; evals.csv keeps each run's SHA and versions).
 
 
-def _cells(name: str, plan: str, task: str, claim: str, metric: str, key: str, values: list, label, **extra) -> list:
+def _cells(name: str, plan: str, task: str, claim: str, metric: str, cells: list[dict], label, group: str,
+           **extra) -> list[StudySpec]:
+    """One StudySpec per verdict cell of a run_study plan (``cells``: the settings of each cell)."""
     evals = f"results/{name}/evals.csv"
     commands = [f"python scripts/run_study.py plan={plan}",
                 f"python scripts/aggregate.py sweep=multirun/{plan} out=results/{name} "
-                f"group=opt.name,opt.lr,opt.ap.damping,{key}"]
-    return [StudySpec(name=f"{name}_{label(v)}", task=task, claim=claim.format(v=v), metric=metric, sweep=[evals],
-                      out=f"results/{name}/{label(v)}", readme=f"experiments/{task.split('_')[0]}/README.md",
-                      commands=commands, verdict_where={key: v}, **extra) for v in values]
+                f"group=opt.name,opt.lr,opt.ap.damping,{group}"]
+    return [StudySpec(name=f"{name}_{label(c)}" if label(c) else name, task=task, claim=claim.format(**{k.rsplit('.', 1)[-1]: v for k, v in c.items()}),
+                      metric=metric,
+                      sweep=[evals], out=f"results/{name}/{label(c)}".rstrip("/"),
+                      readme=f"experiments/{task.split('_')[0]}/README.md", commands=commands, verdict_where=c, **extra)
+            for c in cells]
 
 
 STUDIES.update({s.name: s for s in _cells(
     "lds_anisotropy", "lds_anisotropy", "lds",
-    "DoPr lowers the LDS closed-loop cost ratio against its GP (2 demonstrations, process-noise condition number {v:g})",
-    "test/cost_ratio", "task.noise_cond", [1.0, 1e2, 1e4, 1e6], lambda v: f"cond1e{round(math.log10(v))}",
+    "DoPr lowers the LDS closed-loop cost ratio against its GP (2 demonstrations, process-noise condition number {noise_cond:g})",
+    "test/cost_ratio", [{"task.noise_cond": v} for v in (1.0, 1e2, 1e4, 1e6)],
+    lambda c: f"cond1e{round(math.log10(c['task.noise_cond']))}", "task.noise_cond",
     tune_seeds="0-2", verdict_seeds="10-19", secondary=["test/ttf_shift", "test/final_state_error"],
     notes=["tuned at noise_cond 1e6; the other conditions reuse those settings"])})
-
