@@ -86,3 +86,20 @@ def test_rollout_workers_exit_quietly_when_the_pool_is_never_closed():
                         "pool.rollout(lambda w: np.zeros((1, 2, 7)), [0], 2, 1, 2, ['object']); del pool; "
                         "time.sleep(1); print('done')")
     assert printed.strip() == "done", printed
+
+
+def test_a_pool_made_in_a_child_process_leaves_that_process_threads_alone():
+    # sweep jobs run in child processes; AsyncVectorEnv builds one env in the pool's own process, and
+    # the one-thread setup meant for the rollout workers must not reach it (trainer.threads stays)
+    printed = run("-c", "import multiprocessing as mp\n"
+                        "def job():\n"
+                        "    import numpy as np, torch\n"
+                        "    from dopr.envs.robosuite_envs import make_env_args\n"
+                        "    from dopr.envs.rollout import EnvPool\n"
+                        "    torch.set_num_threads(2)\n"
+                        "    pool = EnvPool(make_env_args('Lift'), num_workers=1)\n"
+                        "    pool.rollout(lambda w: np.zeros((1, 2, 7)), [0], 2, 1, 2, ['object'])\n"
+                        "    pool.close()\n"
+                        "    print('threads', torch.get_num_threads())\n"
+                        "process = mp.get_context('fork').Process(target=job); process.start(); process.join()")
+    assert printed.strip() == "threads 2", printed

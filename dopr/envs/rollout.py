@@ -21,7 +21,7 @@ the spaces (~2 s for Lift), once per pool.
 from __future__ import annotations
 
 import functools
-import multiprocessing
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -110,10 +110,9 @@ class ChunkEnv(gym.Env):
         self.env.close()
 
 
-def _make_chunk_env(*args, **kwargs) -> ChunkEnv:
-    if multiprocessing.parent_process() is not None:  # a spawned worker: one thread, the run's log file
-        import os
-
+def _make_chunk_env(*args, pool_pid: int, **kwargs) -> ChunkEnv:
+    # AsyncVectorEnv also calls this in the pool's own process (to read the spaces): leave that one alone
+    if os.getpid() != pool_pid:  # a spawned worker: one thread, the run's log file
         import torch
 
         from dopr.run_log import follow_parent_log
@@ -153,7 +152,8 @@ class EnvPool:
         self.close()
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
-        fns = [functools.partial(_make_chunk_env, self.env_kwargs, *shape, video=self.video and index == 0)
+        fns = [functools.partial(_make_chunk_env, self.env_kwargs, *shape, pool_pid=os.getpid(),
+                                 video=self.video and index == 0)
                for index in range(max(1, self.num_workers))]
         if self.num_workers == 0:
             self.envs = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
