@@ -55,7 +55,9 @@ class Task:
     def validate(self, model: nn.Module) -> dict[str, float]:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """``{"test/<metric>": float, ...}`` from rollouts or generation; with ``task.video`` also
+        ``test/video`` (frames), which the recorder writes as a video instead of a metric."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
