@@ -114,8 +114,8 @@ def _cells(name: str, plan: str, task: str, claim: str, metric: str, cells: list
     evals = f"results/{name}/evals.csv"
     commands = [f"python scripts/run_study.py plan={plan}",
                 f"python scripts/aggregate.py sweep=multirun/{plan} out=results/{name} "
-                f"group=opt.name,opt.lr,opt.ap.damping,{group}"]
-    return [StudySpec(name=f"{name}_{label(c)}" if label(c) else name, task=task, claim=claim.format(**{k.rsplit('.', 1)[-1]: v for k, v in c.items()}),
+                f"group=opt.name,opt.lr,opt.ap.damping{',' + group if group else ''}"]
+    return [StudySpec(name=f"{name}_{label(c)}" if label(c) else name, task=task, claim=claim(c) if callable(claim) else claim.format(**{k.rsplit('.', 1)[-1]: v for k, v in c.items()}),
                       metric=metric,
                       sweep=[evals], out=f"results/{name}/{label(c)}".rstrip("/"),
                       readme=f"experiments/{task.split('_')[0]}/README.md", commands=commands, verdict_where=c, **extra)
@@ -129,3 +129,29 @@ STUDIES.update({s.name: s for s in _cells(
     lambda c: f"cond1e{round(math.log10(c['task.noise_cond']))}", "task.noise_cond",
     tune_seeds="0-2", verdict_seeds="10-19", secondary=["test/ttf_shift", "test/final_state_error"],
     notes=["tuned at noise_cond 1e6; the other conditions reuse those settings"])})
+
+STUDIES.update({s.name: s for s in _cells(
+    "flow_2d_checkerboard", "flow_2d_checkerboard", "flow_2d_checkerboard",
+    "DoPr-AdamW's samples are closer to the checkerboard density (sliced W2 at 8 Euler steps) than AdamW's",
+    "test/swd", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    secondary=["test/swd@1", "test/swd@2", "test/swd@64", "test/nll"],
+    notes=["AdamW pair only (the Muon pair was cut for this box's budget)"])})
+STUDIES.update({s.name: s for s in _cells(
+    "gym_hopper_noise", "gym_hopper_noise", "gym_hopper",
+    lambda c: (f"DoPr-AdamW raises Hopper-v5 behavior-cloning return against AdamW ({c['task.train_episodes']} demos, "
+               f"action-noise std {0.3 if 'noise03' in c['task.dataset'] else 0.0:g} in the labels)"),
+    "test/return", [{"task.dataset": f"dopr/hopper/ars-noise{n}-v0", "task.train_episodes": e}
+                    for e in (10, 2) for n in ("00", "03")],
+    lambda c: f"noise{c['task.dataset'].split('noise')[1][:2]}_demos{c['task.train_episodes']}",
+    "task.dataset,task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
+    predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
+    notes=["AdamW pair only (Muon, Signum, AdaMuon cut for this box's budget)",
+           "tuned at action noise 0.3 with 10 demos; the other cells reuse those settings"])})
+STUDIES.update({s.name: s for s in _cells(
+    "gym_walker2d_demos", "gym_walker2d_demos", "gym_walker2d",
+    "DoPr-AdamW raises Walker2d-v5 behavior-cloning return against AdamW ({train_episodes} clean demos)",
+    "test/return", [{"task.train_episodes": e} for e in (2, 10)], lambda c: f"demos{c['task.train_episodes']}",
+    "task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
+    predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
+    notes=["AdamW pair only (Muon, Signum, AdaMuon cut for this box's budget)",
+           "tuned with 2 demos; the 10-demo cell reuses those settings"])})
