@@ -13,9 +13,8 @@ summary.json and metrics.jsonl (dopr/analysis); needs nothing from W&B. A study'
 (runs.csv, provenance.json, paired verdicts) come from scripts/study.py.
 """
 
-from __future__ import annotations
-
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +22,15 @@ import pandas as pd
 from dopr.analysis import mean_interval
 from dopr.analysis.report import markdown_table
 from dopr.analysis.sweep import read_sweep_dir
-from dopr.cli import parse_overrides
+from dopr.cli import parse_script_args
 
-KEYS = {"sweep", "out", "group", "metrics"}
+
+@dataclass
+class AggregateArgs:
+    sweep: str
+    out: str | None = None  # default: the sweep dir
+    group: str = "opt.name"
+    metrics: str | None = None  # default: every recorded val/train loss and test metric
 
 
 def final_table(evals: pd.DataFrame, group: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -50,28 +55,20 @@ def format_table(table: pd.DataFrame, group: list[str], metrics: list[str]) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return 0
-    args = parse_overrides(argv)
-    unknown = sorted(set(args) - KEYS)
-    if unknown or "sweep" not in args:
-        raise SystemExit(f"usage: sweep=<dir> [out=<dir>] [group=a,b] [metrics=a,b]; "
-                         f"{'unknown key(s) ' + str(unknown) if unknown else 'sweep= is required'}")
-    sweep_dir = Path(args["sweep"])
-    group = [k for k in args.get("group", "opt.name").split(",") if k]
+    args = parse_script_args(sys.argv[1:] if argv is None else argv, AggregateArgs, __doc__)
+    sweep_dir = Path(args.sweep)
+    group = [k for k in args.group.split(",") if k]
     sweep = read_sweep_dir(sweep_dir, keys=[k for k in group if k not in ("opt.name", "seed")])
     evals = sweep.evals
     available = [c for c in evals.columns if c in ("train/loss", "val/loss") or c.startswith("test/")]
-    metrics = [m for m in args["metrics"].split(",") if m] if "metrics" in args else available
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics is not None else available
     missing = [m for m in metrics if m not in evals]
     if missing:
         raise SystemExit(f"metrics={','.join(missing)}: not recorded in {sweep_dir}; recorded: {available}")
     for run in sweep.left_out:
         print(f"left out {run['run']}: {run['why']}")
     table = final_table(evals, group, metrics)
-    out = Path(args.get("out", sweep_dir))
+    out = Path(args.out if args.out is not None else sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     evals.to_csv(out / "evals.csv", index=False)
     table.to_csv(out / "final.csv", index=False)

@@ -17,17 +17,16 @@ Candidates (n < d: the batch-space forms apply):
   pushthrough_fp32  Delta^T (Z Z^T / n + mu I)^-1 Z from the output gradients (no subtraction)
 """
 
-from __future__ import annotations
-
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dopr.cli import parse_overrides  # noqa: E402
+from dopr.cli import parse_script_args  # noqa: E402
 from dopr.records import git_revision  # noqa: E402
 from dopr.records import machine as machine_info  # noqa: E402
 
@@ -103,16 +102,19 @@ def machine() -> str:
     return f"{info['cpu']} ({info['platform']}), torch {torch.__version__}, git {sha[:7] if sha else 'unknown'}"
 
 
+@dataclass
+class APAccuracyArgs:
+    n: int = 256  # rows of Z (the batch)
+    d: int = 513  # columns of Z (the layer's input width)
+    d_out: int = 256
+    threads: int = 1
+    repeats: int = 20  # timed calls per candidate
+    seeds: int = 3
+    out: str = ""  # a .md file for the table; default: print only
+
+
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return
-    known = {"n": 256, "d": 513, "d_out": 256, "threads": 1, "repeats": 20, "seeds": 3, "out": ""}
-    args = parse_overrides(argv)
-    unknown = set(args) - set(known)
-    if unknown:
-        raise SystemExit(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    cfg = {k: type(v)(args[k]) if k in args else v for k, v in known.items()}
+    cfg = asdict(parse_script_args(argv, APAccuracyArgs, __doc__))
     torch.set_num_threads(cfg["threads"])
     n, d, d_out = cfg["n"], cfg["d"], cfg["d_out"]
     lines = [f"# AP gradient accuracy and cost (n={n}, d={d}, d_out={d_out}, damping={DAMPING}, "

@@ -22,8 +22,6 @@ Keys (key=value, like run.py's overrides):
     out           folder for the tables (bench_<device>.md) and raw numbers (bench_<device>.json)
 """
 
-from __future__ import annotations
-
 import json
 import random
 import statistics
@@ -38,7 +36,7 @@ from torch import nn
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.optim import build_optimizer
 from dopr.records import machine as machine_info
-from dopr.script_args import parse_script_args
+from dopr.cli import parse_script_args
 
 WORKLOADS = ("mlp", "gpt")
 PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]

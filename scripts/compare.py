@@ -17,47 +17,51 @@ It prints one line per finished run, then the final val/loss and test metrics of
 interval, and writes <out>/val_vs_test.png (one point per run).
 """
 
-from __future__ import annotations
-
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dopr.analysis.stats import higher_is_better, paired_difference  # noqa: E402
-from dopr.cli import parse_overrides  # noqa: E402
+from dopr.cli import parse_script_args_and_overrides  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
 
 GPS = ("adamw", "muon", "signum", "adamuon")
-KEYS = {"task": "lds", "base": "adamw", "seeds": "0,1,2,3,4", "jobs": "2", "out": ""}
+
+
+@dataclass
+class CompareArgs:
+    """The module docstring's keys; any dotted key is a Hydra override for every run."""
+    task: str = "lds"
+    base: str = "adamw"
+    seeds: str = "0,1,2,3,4"
+    jobs: int = 2
+    out: str = ""  # default: runs/compare/<task>_<base>
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+    def __post_init__(self):
+        if self.base not in GPS:
+            raise ValueError(f"base={self.base!r}: pick one of {', '.join(GPS)} (DoPr runs dopr_<base>)")
+        if not (ROOT / "configs" / "task" / f"{self.task}.yaml").exists():
+            tasks = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
+            raise ValueError(f"task={self.task!r} has no configs/task/{self.task}.yaml; tasks: {', '.join(tasks)}")
+        try:
+            seeds = self.seed_list()
+        except ValueError:
+            raise ValueError(f"seeds={self.seeds!r}: write a comma list of integers, e.g. seeds=0,1,2") from None
+        if not seeds or min(seeds) < 0 or self.jobs < 1:
+            raise ValueError("seeds must list at least one integer >= 0 and jobs must be >= 1")
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    if argv and argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0)
-    args = parse_overrides(argv)
-    overrides = [f"{k}={v}" for k, v in args.items() if "." in k]
-    unknown = sorted(k for k in args if "." not in k and k not in KEYS)
-    if unknown:
-        raise SystemExit(f"unknown keys {unknown}; known: {sorted(KEYS)} and Hydra overrides with a dot "
-                         f"(trainer.steps=..., opt.lr=...). Usage: python scripts/compare.py help")
-    cfg = {**KEYS, **{k: v for k, v in args.items() if k in KEYS}}
-    if cfg["base"] not in GPS:
-        raise SystemExit(f"base={cfg['base']!r}: pick one of {', '.join(GPS)} (DoPr runs dopr_<base>)")
-    if not (ROOT / "configs" / "task" / f"{cfg['task']}.yaml").exists():
-        tasks = sorted(p.stem for p in (ROOT / "configs" / "task").glob("*.yaml"))
-        raise SystemExit(f"task={cfg['task']!r} has no configs/task/{cfg['task']}.yaml; tasks: {', '.join(tasks)}")
-    try:
-        cfg["seeds"] = [int(s) for s in str(cfg["seeds"]).split(",") if s.strip()]
-        cfg["jobs"] = int(cfg["jobs"])
-    except ValueError:
-        raise SystemExit(f"seeds must be a comma list of integers and jobs an integer (got seeds={cfg['seeds']}, "
-                         f"jobs={cfg['jobs']})") from None
-    if not cfg["seeds"] or min(cfg["seeds"]) < 0 or cfg["jobs"] < 1:
-        raise SystemExit("seeds must list at least one integer >= 0 and jobs must be >= 1")
-    cfg["out"] = Path(cfg["out"] or ROOT / "runs" / "compare" / f"{cfg['task']}_{cfg['base']}")
+    args, overrides = parse_script_args_and_overrides(argv, CompareArgs, __doc__)
+    cfg = asdict(args)
+    cfg["seeds"] = args.seed_list()
+    cfg["out"] = Path(args.out or ROOT / "runs" / "compare" / f"{args.task}_{args.base}")
     return cfg, overrides
 
 

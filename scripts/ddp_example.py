@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dopr.optim import build_optimizer
-from dopr.script_args import parse_script_args
+from dopr.cli import parse_script_args
 
 BACKENDS = ("gloo", "nccl")
 

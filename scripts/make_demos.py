@@ -22,8 +22,6 @@ Keys (key=value, like run.py's overrides):
 Prints the expert's success rate (failed attempts are discarded, not written).
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dopr.envs.scripted import ENV_ALIASES, EXPERTS, generate_demos  # noqa: E402
 from dopr.paths import resolve  # noqa: E402
-from dopr.script_args import parse_script_args  # noqa: E402
+from dopr.cli import parse_script_args  # noqa: E402
 from dopr.tasks.robomimic import DEFAULT_DEMOS_DIR, generated_demos_path  # noqa: E402
 
 

@@ -14,11 +14,10 @@ The dataset records ref_max_score = the expert's measured return (from its check
 BC task can report returns normalized by it.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -26,8 +25,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopr.cli import is_true, parse_overrides  # noqa: E402
+from dopr.cli import parse_script_args  # noqa: E402
 from dopr.data.minari_data import DEFAULT_DATASETS_PATH, resolve_datasets_path  # noqa: E402
+
+
+@dataclass
+class GymDemosArgs:
+    env: str
+    expert: str  # a checkpoint .npz or "random"
+    episodes: int = 20
+    action_noise: float = 0.0
+    seed: int = 0
+    dataset_id: str | None = None  # default: dopr/<env>/ars-expert-v0 (or random-v0)
+    datasets_path: str = str(DEFAULT_DATASETS_PATH)
+    overwrite: bool = False
 
 
 def default_dataset_id(env_id: str, expert: str) -> str:
@@ -121,15 +132,11 @@ def write_demos(env_id: str, expert: str, episodes: int, dataset_id: str,
 
 
 def main(argv: list[str]) -> None:
-    args = parse_overrides(argv)
-    if "env" not in args or "expert" not in args:
-        raise SystemExit("usage: python scripts/make_gym_demos.py env=<Gymnasium id> expert=<checkpoint.npz|random> "
-                         "[episodes=20] [action_noise=0.0] [seed=0] [dataset_id=...] [datasets_path=data/minari]")
-    info = write_demos(env_id=args["env"], expert=args["expert"], episodes=int(args.get("episodes", 20)),
-                       dataset_id=args.get("dataset_id", default_dataset_id(args["env"], args["expert"])),
-                       datasets_path=args.get("datasets_path", DEFAULT_DATASETS_PATH),
-                       seed=int(args.get("seed", 0)), action_noise=float(args.get("action_noise", 0.0)),
-                       overwrite=is_true(args.get("overwrite", "false")))
+    args = parse_script_args(argv, GymDemosArgs, __doc__)
+    dataset_id = default_dataset_id(args.env, args.expert) if args.dataset_id is None else args.dataset_id
+    info = write_demos(env_id=args.env, expert=args.expert, episodes=args.episodes, dataset_id=dataset_id,
+                       datasets_path=args.datasets_path, seed=args.seed, action_noise=args.action_noise,
+                       overwrite=args.overwrite)
     print(f"wrote {info['episodes']} episodes to {info['path']}: return {info['return_mean']:.1f} "
           f"+- {info['return_std']:.1f}")
 

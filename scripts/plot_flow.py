@@ -18,21 +18,19 @@ interval unbounded.
 ``reference_floor()`` (the metric of a perfect sampler at the same sample size) as a dashed line.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from dopr.analysis import mean_interval
-from dopr.cli import parse_overrides
+from dopr.cli import parse_script_args
 
 STEP_KEY = re.compile(r"^test/(?P<metric>[a-z]+(?:_[a-z]+)?)@(?P<steps>\d+)$")
 DEFAULT_PAIRS = ("dopr_adamw:adamw", "dopr_muon:muon", "dopr_signum:signum", "dopr_adamuon:adamuon")
@@ -161,25 +159,20 @@ def plot(last: pd.DataFrame, group: str, metrics: dict, floor: dict, title: str,
     plt.close(fig)
 
 
-KEYS = {"evals", "out", "group", "pairs", "floor", "title"}
+@dataclass
+class PlotFlowArgs:
+    evals: str
+    out: str | None = None  # default: the CSV's folder
+    group: str = "opt.name"
+    pairs: str = ",".join(DEFAULT_PAIRS)  # dopr:base pairs, comma-separated
+    floor: str | None = None
+    title: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return 0
-    options = parse_overrides(argv)
-    unknown = sorted(set(options) - KEYS)
-    if unknown or "evals" not in options:
-        raise SystemExit(f"usage: evals=<evals.csv> [out=] [group=] [pairs=a:b,c:d] [floor=<sweep dir>] [title=]; "
-                         f"{'unknown key(s) ' + str(unknown) if unknown else 'evals= is required'}")
-    evals_csv = Path(options["evals"])
-    args = SimpleNamespace(evals_csv=evals_csv, out=Path(options["out"]) if "out" in options else None,
-                           group=options.get("group", "opt.name"),
-                           pairs=options["pairs"].split(",") if "pairs" in options else list(DEFAULT_PAIRS),
-                           floor=Path(options["floor"]) if "floor" in options else None, title=options.get("title"))
-    frame = pd.read_csv(args.evals_csv)
+    args = parse_script_args(sys.argv[1:] if argv is None else argv, PlotFlowArgs, __doc__)
+    evals_csv = Path(args.evals)
+    frame = pd.read_csv(evals_csv)
     if "status" in frame:  # a run still training (or crashed) would enter with an early eval point
         unfinished = sorted(frame.loc[frame["status"] != "finished", "run"].unique())
         if unfinished:
@@ -188,21 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     last = last_eval(frame, args.group)
     metrics = step_metrics(frame.columns)
     if not metrics:
-        raise SystemExit(f"{args.evals_csv} has no test/<metric>@<steps> columns; is it a flow sweep?")
-    out = args.out or args.evals_csv.parent
+        raise SystemExit(f"{evals_csv} has no test/<metric>@<steps> columns; is it a flow sweep?")
+    out = Path(args.out) if args.out is not None else evals_csv.parent
     out.mkdir(parents=True, exist_ok=True)
 
     table = steps_table(last, args.group, metrics)
     table.to_csv(out / "steps_table.csv", index=False)
     (out / "steps_table.md").write_text(markdown(table, args.group, "mean", "ci95"))
-    paired = paired_table(last, args.group, metrics, args.pairs)
+    paired = paired_table(last, args.group, metrics, args.pairs.split(","))
     if len(paired):
         paired.to_csv(out / "paired.csv", index=False)
         (out / "paired.md").write_text(markdown(paired, "pair", "diff", "ci95"))
-    floor = reference_floor(args.floor) if args.floor else {}
+    floor = reference_floor(Path(args.floor)) if args.floor is not None else {}
     if floor:
         (out / "floor.json").write_text(json.dumps(floor, indent=2) + "\n")
-    title = args.title or f"{args.evals_csv.parent.name}: sample quality vs step count (last eval, mean ± 95% CI)"
+    title = args.title or f"{evals_csv.parent.name}: sample quality vs step count (last eval, mean ± 95% CI)"
     plot(last, args.group, metrics, floor, title, out / "quality_vs_steps.png")
     print((out / "steps_table.md").read_text())
     if len(paired):

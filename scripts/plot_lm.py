@@ -20,18 +20,23 @@ Under the paper's claim, accuracy falls as val loss rises for DoPr (rho strongly
 reliably for AdamW (rho weaker, or positive).
 """
 
-from __future__ import annotations
-
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dopr.analysis import bootstrap_spearman, mean_interval, read_sweep
-from dopr.cli import parse_overrides
+from dopr.cli import parse_script_args
 
 ACCURACIES = ("test/exact_match", "test/exact_match_sampled", "test/exact_match_len4")
+
+
+@dataclass
+class PlotLMArgs:
+    sweep: str
+    out: str | None = None  # default: the sweep dir, or the CSV's folder
 
 
 def load_runs(source: Path) -> pd.DataFrame:
@@ -115,17 +120,9 @@ def plot(final: pd.DataFrame, every: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return 0
-    args = parse_overrides(argv)
-    unknown = sorted(set(args) - {"sweep", "out"})
-    if unknown or "sweep" not in args:
-        raise SystemExit(f"usage: sweep=<dir or evals.csv> [out=<dir>]; "
-                         f"{'unknown key(s) ' + str(unknown) if unknown else 'sweep= is required'}")
-    source = Path(args["sweep"])
-    out = Path(args.get("out", source if source.is_dir() else source.parent))
+    args = parse_script_args(sys.argv[1:] if argv is None else argv, PlotLMArgs, __doc__)
+    source = Path(args.sweep)
+    out = Path(args.out if args.out is not None else source if source.is_dir() else source.parent)
     out.mkdir(parents=True, exist_ok=True)
 
     every = load_runs(source)  # finished runs only: an unfinished run's last point is an early one

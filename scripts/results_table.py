@@ -16,22 +16,29 @@ number in them is typed by hand.
     python scripts/results_table.py help
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from dopr.analysis.report import markdown_table
-from dopr.cli import is_true, parse_overrides
+from dopr.cli import parse_script_args
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 INCLUDE = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /include -->)", re.S)
+
+
+@dataclass
+class ResultsTableArgs:
+    readme: str = "README.md"
+    rows: str = "results"
+    check: bool = False
+    experiments: str = str(ROOT / "experiments")
 
 
 def fill_includes(text: str, where: Path, root: Path = ROOT) -> str:
@@ -44,7 +51,6 @@ def fill_includes(text: str, where: Path, root: Path = ROOT) -> str:
         return f"{match[1]}{content if content.endswith(chr(10)) else content + chr(10)}{match[4]}"
 
     return INCLUDE.sub(body, text)
-KEYS = {"readme", "rows", "check", "experiments"}
 
 
 def table(rows_dir: Path, readme: Path) -> str:
@@ -64,25 +70,18 @@ def table(rows_dir: Path, readme: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return 0
-    args = parse_overrides(argv)
-    unknown = sorted(set(args) - KEYS)
-    if unknown:
-        raise SystemExit(f"unknown key(s) {unknown}; known: {sorted(KEYS)}")
-    readme, rows_dir = Path(args.get("readme", "README.md")), Path(args.get("rows", "results"))
+    args = parse_script_args(sys.argv[1:] if argv is None else argv, ResultsTableArgs, __doc__)
+    readme, rows_dir = Path(args.readme), Path(args.rows)
     text = readme.read_text()
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"{readme} needs one {START} line and one {END} line after it, around the results table")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     updates = {readme: fill_includes(f"{head}{START}\n{table(rows_dir, readme)}{END}{tail}", readme)}
-    for other in sorted(Path(args.get("experiments", ROOT / "experiments")).glob("*/README.md")):
+    for other in sorted(Path(args.experiments).glob("*/README.md")):
         updates[other] = fill_includes(other.read_text(), other)
     stale = [path for path, new in updates.items() if new != path.read_text()]
-    if is_true(args.get("check", "false")):
+    if args.check:
         for path in stale:
             print(f"{path}: a generated table is out of date; run python scripts/results_table.py")
         return 1 if stale else 0

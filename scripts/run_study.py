@@ -17,11 +17,10 @@ The choice of each stage is written to <sweep_root>/choice.json; scripts/study.p
 study's tables from the sweep directories.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +30,24 @@ import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from dopr.analysis.stats import higher_is_better, is_log_scale  # noqa: E402
-from dopr.cli import parse_overrides  # noqa: E402
+from dopr.cli import parse_script_args  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
 
-KEYS = {"plan": None, "jobs": "2", "stage": "all", "sweep_root": ""}
+STAGES = ("tune", "verdict", "all")
+
+
+@dataclass
+class RunStudyArgs:
+    plan: str
+    jobs: int = 2
+    stage: str = "all"
+    sweep_root: str = ""  # default: multirun/<plan>
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}: choose one of {', '.join(STAGES)}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
 
 
 def load_plan(name: str) -> dict:
@@ -115,18 +128,10 @@ def verdict_cells(plan: dict) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return
-    args = parse_overrides(argv)
-    unknown = sorted(set(args) - set(KEYS))
-    if unknown or "plan" not in args:
-        raise SystemExit(f"usage: python scripts/run_study.py plan=<name> [jobs=2] [stage=tune|verdict|all]; "
-                         f"unknown keys {unknown}" if unknown else "plan= is required (a configs/study name)")
-    plan = load_plan(args["plan"])
-    jobs = int(args.get("jobs", KEYS["jobs"]))
-    stage = args.get("stage", "all")
-    root = Path(args.get("sweep_root") or ROOT / "multirun" / args["plan"])
+    args = parse_script_args(argv, RunStudyArgs, __doc__)
+    plan = load_plan(args.plan)
+    jobs, stage = args.jobs, args.stage
+    root = Path(args.sweep_root or ROOT / "multirun" / args.plan)
     root.mkdir(parents=True, exist_ok=True)
     choice_path = root / "choice.json"
     extend = int(plan.get("extend", 2))

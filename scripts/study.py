@@ -33,11 +33,10 @@ headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), 
 val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
 """
 
-from __future__ import annotations
-
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -46,10 +45,27 @@ from dopr.analysis import report
 from dopr.analysis.stats import higher_is_better
 from dopr.analysis.studies import STUDIES, StudySpec
 from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
-from dopr.cli import parse_overrides
+from dopr.cli import parse_script_args
 
-KEYS = {"study", "task", "sweep", "out", "metric", "tune_seeds", "verdict_seeds", "cell_keys", "ap_keys", "claim", "readme",
-        "commands", "resamples", "predictors", "secondary", "verdict_where"}
+@dataclass
+class StudyArgs:
+    """The keys of the module docstring; None: not given, the registered study's value stands."""
+    study: str
+    task: str | None = None
+    sweep: str | None = None
+    out: str | None = None
+    metric: str | None = None
+    tune_seeds: str | None = None
+    verdict_seeds: str | None = None
+    cell_keys: str | None = None
+    ap_keys: str | None = None
+    claim: str | None = None
+    readme: str | None = None
+    commands: str | None = None
+    resamples: int = 2000
+    predictors: str | None = None
+    secondary: str | None = None
+    verdict_where: str | None = None
 
 
 def parse_seeds(text: str, key: str) -> list[int]:
@@ -99,34 +115,30 @@ def parse_keys(text: str) -> list[str]:
     return [] if text.strip() in ("", "none") else [k.strip() for k in text.split(",") if k.strip()]
 
 
-def spec_from(args: dict) -> StudySpec:
-    unknown = sorted(set(args) - KEYS)
-    if unknown:
-        raise SystemExit(f"unknown key(s) {unknown}; known: {sorted(KEYS)} (python scripts/study.py help)")
-    if "study" not in args:
-        raise SystemExit("study= is required, e.g. study=lds (registered: " + ", ".join(STUDIES) + ")")
-    spec = STUDIES.get(args["study"])
+def spec_from(args: StudyArgs) -> StudySpec:
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    spec = STUDIES.get(args.study)
     if spec is None:
-        missing = [k for k in ("sweep", "out", "metric") if k not in args]
+        missing = [k for k in ("sweep", "out", "metric") if k not in given]
         if missing:
-            raise SystemExit(f"study={args['study']} is not registered ({', '.join(STUDIES)}); "
+            raise SystemExit(f"study={args.study} is not registered ({', '.join(STUDIES)}); "
                              f"a new study needs {', '.join(k + '=' for k in missing)}")
-        spec = StudySpec(name=args["study"], task=args.get("task", ""), claim=args.get("claim", ""), metric=args["metric"], sweep=[], out="",
-                         readme=args.get("readme", ""), commands=[])
+        spec = StudySpec(name=args.study, task=given.get("task", ""), claim=given.get("claim", ""),
+                         metric=args.metric, sweep=[], out="", readme=given.get("readme", ""), commands=[])
     overrides = {}
     for key in ("task", "claim", "metric", "out", "readme", "tune_seeds", "verdict_seeds"):
-        if key in args:
-            overrides[key] = args[key]
-    if "sweep" in args:
-        overrides["sweep"] = parse_keys(args["sweep"])
+        if key in given:
+            overrides[key] = given[key]
+    if "sweep" in given:
+        overrides["sweep"] = parse_keys(args.sweep)
         overrides["fixed"] = {}  # pinned values belong to the registered sources
-    if "commands" in args:
-        overrides["commands"] = [c.strip() for c in args["commands"].split(";") if c.strip()]
+    if "commands" in given:
+        overrides["commands"] = [c.strip() for c in args.commands.split(";") if c.strip()]
     for key in ("cell_keys", "ap_keys", "predictors", "secondary"):
-        if key in args:
-            overrides[key] = parse_keys(args[key])
-    if "verdict_where" in args:
-        overrides["verdict_where"] = parse_where(args["verdict_where"])
+        if key in given:
+            overrides[key] = parse_keys(given[key])
+    if "verdict_where" in given:
+        overrides["verdict_where"] = parse_where(args.verdict_where)
     return StudySpec(**{**spec.__dict__, **overrides})
 
 
@@ -226,15 +238,12 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("help", "-h", "--help"):
-        print(__doc__)
-        return 0
-    args = parse_overrides(argv)
+    args = parse_script_args(argv, StudyArgs, __doc__)
     spec = spec_from(args)
     if not spec.out or not spec.sweep:
         raise SystemExit("sweep= and out= are needed (a registered study has them)")
     command = "python scripts/study.py " + " ".join(shlex.quote(a) for a in argv)
-    run_study(spec, command, int(args.get("resamples", 2000)))
+    run_study(spec, command, args.resamples)
     return 0
 
 

@@ -19,14 +19,13 @@ The script keeps the best policy by periodic evaluation, then measures the final
 together with the command, seed, env steps, wall time and machine.
 """
 
-from __future__ import annotations
-
 import json
 import multiprocessing
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gymnasium as gym  # noqa: E402
 
-from dopr.cli import is_true, parse_overrides  # noqa: E402
+from dopr.cli import parse_script_args  # noqa: E402
 from dopr.envs.linear_expert import LinearPolicy  # noqa: E402
 from dopr.paths import REPO_ROOT  # noqa: E402
 
@@ -50,6 +49,29 @@ ARS_DEFAULTS = {
     "Humanoid-v5": dict(directions=230, top=230, step_size=0.02, noise=0.0075, alive_bonus=5.0),
 }
 EVAL_SEED_BASE = 10_000
+HYPERPARAMETERS = ("directions", "top", "step_size", "noise", "alive_bonus")
+
+
+@dataclass
+class TrainExpertArgs:
+    env: str
+    seed: int = 0
+    max_env_steps: float = 3e6  # a float, so that 3e6 is accepted
+    max_minutes: float = 30.0  # wall-time budget of this call
+    eval_every: int = 10  # iterations between evaluations (3 episodes each)
+    eval_episodes: int = 10  # episodes of the final measurement
+    out: str | None = None  # default: experts/<env>.npz
+    returns_json: str | None = None  # default: returns.json next to out
+    workers: int = 1
+    resume: bool = False
+    evaluate_only: str | None = None  # a checkpoint to re-measure instead of training
+    machine: str | None = None  # how the run's machine is described in its record
+    # ARS hyperparameters; None: the env's row of ARS_DEFAULTS
+    directions: int | None = None
+    top: int | None = None
+    step_size: float | None = None
+    noise: float | None = None
+    alive_bonus: float | None = None
 
 
 class RunningObsStats:
@@ -162,30 +184,20 @@ def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str]) -> 
 
 
 def main(argv: list[str]) -> None:
-    args = parse_overrides(argv)
-    if "env" not in args:
-        raise SystemExit("usage: python scripts/train_expert.py env=<Gymnasium id> [seed=0] ...; "
-                         f"tuned envs: {', '.join(ARS_DEFAULTS)}")
-    env_id = args["env"]
-    if "evaluate_only" in args:
-        remeasure(env_id, Path(args["evaluate_only"]), int(args.get("eval_episodes", 10)), argv)
+    args = parse_script_args(argv, TrainExpertArgs, __doc__)
+    env_id = args.env
+    if args.evaluate_only is not None:
+        remeasure(env_id, Path(args.evaluate_only), args.eval_episodes, argv)
         return
     hp = dict(ARS_DEFAULTS.get(env_id, dict(directions=16, top=8, step_size=0.02, noise=0.03, alive_bonus=0.0)))
-    for key in ("directions", "top"):
-        if key in args:
-            hp[key] = int(args[key])
-    for key in ("step_size", "noise", "alive_bonus"):
-        if key in args:
-            hp[key] = float(args[key])
+    hp.update({key: getattr(args, key) for key in HYPERPARAMETERS if getattr(args, key) is not None})
     if not 1 <= hp["top"] <= hp["directions"]:
         raise SystemExit(f"need 1 <= top <= directions, got top={hp['top']} directions={hp['directions']}")
-    seed = int(args.get("seed", 0))
-    max_env_steps = int(float(args.get("max_env_steps", 3e6)))
-    max_minutes = float(args.get("max_minutes", 30))
-    eval_every = int(args.get("eval_every", 10))
-    eval_episodes = int(args.get("eval_episodes", 10))
-    out_path = Path(args.get("out", REPO_ROOT / "experts" / f"{env_id}.npz"))
-    returns_path = Path(args.get("returns_json", out_path.parent / "returns.json"))
+    seed = args.seed
+    max_env_steps = int(args.max_env_steps)
+    max_minutes, eval_every, eval_episodes = args.max_minutes, args.eval_every, args.eval_episodes
+    out_path = Path(args.out) if args.out is not None else REPO_ROOT / "experts" / f"{env_id}.npz"
+    returns_path = Path(args.returns_json) if args.returns_json is not None else out_path.parent / "returns.json"
 
     env = gym.make(env_id, disable_env_checker=True)
     max_steps = int(env.spec.max_episode_steps or 1000)
@@ -200,7 +212,7 @@ def main(argv: list[str]) -> None:
     best = (-np.inf, weight.copy(), mean.copy(), std.copy())
     history = []
     state_path = out_path.with_name(out_path.name + ".state.npz")
-    if is_true(args.get("resume", "false")) and state_path.is_file():
+    if args.resume and state_path.is_file():
         state = load_state(state_path)
         if state["hp"] != hp or int(state["seed"]) != seed:
             raise SystemExit(f"{state_path} was written with hp={state['hp']} seed={int(state['seed'])}; "
@@ -212,7 +224,7 @@ def main(argv: list[str]) -> None:
         best = (float(state["best_return"]), state["best_weight"], state["best_mean"], state["best_std"])
         history = state["history"]
         print(f"resumed {state_path}: iteration {iteration}, {env_steps} env steps, best {best[0]:.1f}", flush=True)
-    workers = int(args.get("workers", 1))
+    workers = args.workers
     if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (env_id,))
     else:
@@ -280,7 +292,8 @@ def main(argv: list[str]) -> None:
                 return_mean=final_mean, return_std=final_std, episode_returns=episode_returns,
                 eval_episodes=eval_episodes,
                 eval_seeds=[EVAL_SEED_BASE, EVAL_SEED_BASE + eval_episodes - 1], command=command,
-                machine=args.get("machine", f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"),
+                machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU" if args.machine is None
+                else args.machine,
                 gymnasium=gym.__version__, history=history)
     LinearPolicy(weight, mean, std, low, high, meta=meta).save(out_path)
     table = json.loads(returns_path.read_text()) if returns_path.is_file() else {}

@@ -181,10 +181,12 @@ def write_tiny_fixture(out_dir: str | Path, n_examples: int = 64, answer_of=lamb
 if __name__ == "__main__":
     import sys
 
-    from dopr.cli import parse_overrides
+    from dopr.cli import parse_script_args
 
-    args = parse_overrides(sys.argv[1:])
-    if set(args) != {"tiny_fixture"}:
-        raise SystemExit("usage: python -m dopr.data.sft tiny_fixture=DIR  (writes a tiny offline model and dataset)")
-    paths = write_tiny_fixture(args["tiny_fixture"])
+    @dataclass
+    class TinyFixtureArgs:
+        tiny_fixture: str  # the folder to write to
+
+    args = parse_script_args(sys.argv[1:], TinyFixtureArgs, __doc__)
+    paths = write_tiny_fixture(args.tiny_fixture)
     print(f"task.model={paths['model']} task.dataset={paths['dataset']}")
