@@ -47,6 +47,7 @@ from dopr.analysis.studies import STUDIES, StudySpec
 from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
 from dopr.cli import parse_script_args
 
+
 @dataclass
 class StudyArgs:
     """The keys of the module docstring; None: not given, the registered study's value stands."""
