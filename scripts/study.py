@@ -181,8 +181,12 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     lead = ["task", "stage", "gp"] + spec.cell_keys + spec.ap_keys + ["pick", "metric"]
     choice = report.choose_settings(runs, metric, better, settings)
     choice.to_csv(out / "choice.csv", index=False)
+    # The headline metric at every pick, then (at the last evaluation) the secondary metrics and val/loss
+    # of the same runs: what else changed where the test metric's settings were chosen.
     headline = pd.concat([report.headline_comparison(runs, metric, better, choice, settings, pick=pick)
-                          for pick in report.PICKS], ignore_index=True)
+                          for pick in report.PICKS]
+                         + [report.headline_comparison(runs, m, higher_is_better(m), choice, settings, pick="final")
+                            for m in spec.secondary + ["val/loss"] if f"final/{m}" in runs], ignore_index=True)
     headline.to_csv(out / "headline.csv", index=False)
     grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid
     spearman = report.spearman_table(grid, metric, spec.predictors, resamples)
