@@ -105,7 +105,8 @@ def keep_verdict_cell(runs: pd.DataFrame, where: dict) -> pd.DataFrame:
     for key, value in where.items():
         if key not in runs:
             raise SystemExit(f"verdict_where: {key} is not recorded for these runs")
-        column = pd.to_numeric(runs[key], errors="coerce") if isinstance(value, float) else runs[key].astype(str)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        column = pd.to_numeric(runs[key], errors="coerce") if numeric else runs[key].astype(str)
         at &= column == value
     if not (at & ~keep).any():
         raise SystemExit(f"verdict_where={where}: no verdict run is at these settings")

@@ -254,6 +254,9 @@ def test_verdict_where_keeps_one_cell_of_a_verdict_axis():
     assert where == {"task.noise_cond": 1e6}
     kept = study.keep_verdict_cell(runs, where)
     assert kept["seed"].tolist() == [0, 1, 10, 11] and (kept.loc[kept["stage"] == "verdict", "task.noise_cond"] == 1e6).all()
+    # an integer setting (a registered cell, e.g. task.train_episodes=10) matches a float column too
+    runs["task.train_episodes"] = [10.0, 10.0, 2.0, 10.0, 2.0]
+    assert study.keep_verdict_cell(runs, {"task.train_episodes": 10})["seed"].tolist() == [0, 1, 10]
     with pytest.raises(SystemExit, match="no verdict run"):
         study.keep_verdict_cell(runs, {"task.noise_cond": 3.0})
     with pytest.raises(SystemExit, match="not recorded"):
