@@ -156,3 +156,9 @@ STUDIES.update({s.name: s for s in _cells(
     notes=["AdamW pair only (Muon, Signum, AdaMuon cut for this box's budget)",
            "budget-limited by design: 300 steps (at 2000, AdamW reaches the expert from 2 demos)",
            "tuned with 2 demos; the 10-demo cell reuses those settings"])})
+STUDIES.update({s.name: s for s in _cells(
+    "flow_digits_unet", "flow_digits_unet", "flow_digits_unet",
+    "DoPr-AdamW's digit samples are closer to the data (Frechet distance at 16 Euler steps) than AdamW's",
+    "test/fid", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    secondary=["test/fid@1", "test/fid@2", "test/fid@64", "test/acc"],
+    notes=["AdamW pair only (the Muon pair was cut for this box's budget)"])})
