@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from dopr.analysis.stats import higher_is_better, is_log_scale  # noqa: E402
+from dopr.analysis.sweep import summarize_run  # noqa: E402
 from dopr.cli import parse_script_args  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
 
@@ -85,10 +87,10 @@ def score(jobs: list[Job], summaries: list[dict], metric: str) -> float:
     ratios are averaged as logs (dopr.analysis.stats.is_log_scale), +inf kept as the worst value."""
     higher = higher_is_better(metric, summaries[0]["headline_metric"], summaries[0]["higher_is_better"])
     values = []
-    for j in jobs:
+    for j in jobs:  # the study tables' own best-checkpoint rule (dopr.analysis.sweep.summarize_run)
         records = [json.loads(line) for line in (j.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        points = [r[metric] for r in records if r.get(metric) is not None and not math.isnan(r[metric])]
-        values.append((max if higher else min)(points) if points else math.nan)
+        points = pd.DataFrame(records).reindex(columns=["step", "val/loss", metric])
+        values.append(summarize_run(points, [metric], {metric: higher})[f"best/{metric}"])
     values = np.asarray(values, dtype=float)
     if np.isnan(values).all():
         return math.nan
