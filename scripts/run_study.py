@@ -11,6 +11,7 @@ Stages (each resumes: finished runs are skipped, interrupted ones continue from 
            each DoPr optimizer over the damping grid at its chosen learning rate, extended the same way
   verdict  every optimizer at its chosen setting on the fresh verdict seeds, in every cell of the
            plan's verdict_axes (their product, e.g. task.noise_cond, or task.dataset x task.train_episodes)
+Plan keys ``overrides`` apply to every run, ``tune_overrides`` / ``verdict_overrides`` to one stage's runs.
 Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
 verdict or all; default all), sweep_root (default multirun/<plan>).
 The choice of each stage is written to <sweep_root>/choice.json; scripts/study.py then makes the
@@ -77,8 +78,9 @@ def job(root: Path, stage: str, plan: dict, opt: str, seed: int, settings: dict,
     settings = {k: v for k, v in settings.items()
                 if not (k == "opt.ap.damping" and v == plan.get("default_damping", 1e-3))}
     run_dir = root / stage / _dirname({**where, "opt": opt, **settings, "seed": seed})
+    # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (STUDIES.md §4)
     overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan.get("overrides", []),
-                 *(f"{k}={v}" for k, v in {**where, **settings}.items()))
+                 *plan.get(f"{stage}_overrides", []), *(f"{k}={v}" for k, v in {**where, **settings}.items()))
     return Job(run_dir, overrides)
 
 
