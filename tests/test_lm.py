@@ -161,6 +161,17 @@ def test_scoring_counts_per_length():
     assert metrics["test/exact_match_whole_sequence"] == pytest.approx(2 / 3)
 
 
+def test_test_lengths_score_only_the_chosen_lengths():
+    task = small_task(test_lengths=[3, 2])
+    assert sorted({p.length for p in task.test_problems}) == [2, 3] and len(task.test_problems) == 16
+    metrics = task.evaluate(OracleLM(task.test_problems + task.val_problems, task.tokenizer))
+    assert metrics["test/exact_match"] == 1.0
+    assert "test/exact_match_len1" not in metrics and metrics["test/exact_match_len3"] == 1.0
+    for bad in ([4], [], [0, 2]):
+        with pytest.raises(ValueError, match="task.test_lengths"):
+            small_task(test_lengths=bad)
+
+
 def test_greedy_generation_follows_argmax_and_stops_at_eos():
     torch.manual_seed(1)
     model = GPT(vocab_size=12, max_seq_len=20, n_layers=1, d_model=16, n_heads=2).eval()

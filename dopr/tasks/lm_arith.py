@@ -43,7 +43,7 @@ class LMArithTask(Task):
                  max_digits: int = 4, mul_multiplier_digits: int = 1, n_layers: int = 2,
                  d_model: int = 64, n_heads: int = 4, bias: bool = False, batch_size: int = 64,
                  n_val: int = 512, n_test_per_length: int = 100, sample_temperature: float = 1.0,
-                 eval_batch_size: int = 256, **kwargs: Any):
+                 eval_batch_size: int = 256, test_lengths: list[int] | None = None, **kwargs: Any):
         super().__init__(seed=seed, device=device, **kwargs)
         self.problems = ArithmeticProblems(operations, min_digits, max_digits, mul_multiplier_digits)
         self.tokenizer = CharTokenizer()
@@ -56,9 +56,17 @@ class LMArithTask(Task):
         require_at_least(1, batch_size=batch_size, n_val=n_val, n_test_per_length=n_test_per_length,
                          eval_batch_size=eval_batch_size, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
 
+        # Tested lengths: all trained ones by default; a subset keeps saturated short lengths from
+        # diluting the metric (they still train: short problems teach the carry).
+        self.test_lengths = list(self.problems.lengths) if test_lengths is None else sorted({int(n) for n in test_lengths})
+        outside = [n for n in self.test_lengths if n not in self.problems.lengths]
+        if not self.test_lengths or outside:
+            raise ValueError(f"task.test_lengths={list(test_lengths)}: every tested length must be a trained one, "
+                             f"{min_digits}..{max_digits} (task.min_digits..task.max_digits); widen those or drop "
+                             f"{outside or 'nothing: the list is empty'}")
         rng = random.Random(EVAL_DATA_SEED)
         self.test_problems = [self.problems.sample(rng, length=n)
-                              for n in self.problems.lengths for _ in range(int(n_test_per_length))]
+                              for n in self.test_lengths for _ in range(int(n_test_per_length))]
         self.val_problems = [self.problems.sample(rng) for _ in range(int(n_val))]
         # Hold test prompts out of training wherever the problem space is large enough that doing so
         # leaves the training distribution essentially unchanged (short lengths have too few problems).
