@@ -22,6 +22,8 @@ Keys (a registered study supplies them all; any given here wins):
   secondary=test/a,test/b  further test metrics paired in every cell (at the last evaluation)
   predictors=val/loss   one-step metrics whose Spearman rho with the test metric is reported
   resamples=2000        bootstrap resamples for the Spearman interval
+  similar_margin=0.1    observation 1's band: base GPs are "similar" when every pairwise interval is within
+                        this fraction of the best base GP's mean
   verdict_where="task.noise_cond=1e2"  keep only the verdict runs at these settings (";" between several):
                         one cell of a verdict axis (scripts/run_study.py's verdict_axes), tuning runs untouched
 
@@ -29,7 +31,8 @@ Writes to out/: evals.csv (every evaluation point, with each run's git SHA, vers
 when every source is a sweep dir, so that the study can be re-made from committed files), runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
 valpick/ of every metric), provenance.json, cells.{csv,md} (DoPr − base paired by seed in every cell),
 choice.{csv,md} (each optimizer's setting chosen on the tuning seeds by the test metric and by val loss),
-headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), decoupling.{csv,md} (Spearman),
+headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), observations.{csv,md} (the paper's
+three Fig. 7 observations with verdict words), decoupling.{csv,md} (Spearman),
 val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
 """
 
@@ -67,6 +70,7 @@ class StudyArgs:
     predictors: str | None = None
     secondary: str | None = None
     verdict_where: str | None = None
+    similar_margin: float | None = None
 
 
 def parse_seeds(text: str, key: str) -> list[int]:
@@ -128,7 +132,7 @@ def spec_from(args: StudyArgs) -> StudySpec:
         spec = StudySpec(name=args.study, task=given.get("task", ""), claim=given.get("claim", ""),
                          metric=args.metric, sweep=[], out="", readme=given.get("readme", ""), commands=[])
     overrides = {}
-    for key in ("task", "claim", "metric", "out", "readme", "tune_seeds", "verdict_seeds"):
+    for key in ("task", "claim", "metric", "out", "readme", "tune_seeds", "verdict_seeds", "similar_margin"):
         if key in given:
             overrides[key] = given[key]
     if "sweep" in given:
@@ -189,6 +193,8 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
                          + [report.headline_comparison(runs, m, higher_is_better(m), choice, settings, pick="final")
                             for m in spec.secondary + ["val/loss"] if f"final/{m}" in runs], ignore_index=True)
     headline.to_csv(out / "headline.csv", index=False)
+    observations = report.paper_observations(runs, metric, better, choice, settings, headline, spec.similar_margin)
+    observations.to_csv(out / "observations.csv", index=False)
     grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid
     spearman = report.spearman_table(grid, metric, spec.predictors, resamples)
     spearman.to_csv(out / "decoupling.csv", index=False)
@@ -201,6 +207,9 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
         "headline": ("Each GP against DoPr at their chosen settings, paired by seed",
                      report.markdown_table(report.format_paired(
                          headline, ["task", "gp", "stage", "pick", "base setting", "dopr setting", "metric"]))),
+        "observations": ("The paper's three observations at the chosen settings, each with its verdict word "
+                         "(dopr.analysis.report.paper_observations says how each is decided)",
+                         report.markdown_table(observations)),
         "decoupling": (f"Spearman ρ of final one-step metrics against final {metric}, per optimizer over its runs "
                      f"(95% bootstrap over runs)",
                      report.markdown_table(spearman.assign(

@@ -277,3 +277,50 @@ def test_include_blocks_are_filled_from_the_named_file(tmp_path):
 def test_committed_readmes_carry_the_current_study_tables():
     """README.md's results table and every included study table match the committed results files."""
     assert load_script("results_table").main(["check=true"]) == 0
+
+
+def observation_runs(base_returns: dict, dopr_gain: dict, dopr_val_change: dict, seeds=range(8)) -> pd.DataFrame:
+    """Verdict-stage runs (and one tuning run per optimizer, so each has a chosen setting) of base GPs and
+    their DoPr versions: DoPr's return is the base's plus ``dopr_gain[gp]`` (+ a little per-seed noise), its
+    final val/loss the base's plus ``dopr_val_change[gp]``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for gp, level in base_returns.items():
+        for stage, stage_seeds in (("tune", [100]), ("verdict", list(seeds))):
+            for seed in stage_seeds:
+                base = level + 50 * rng.standard_normal()
+                noise = 5 * rng.standard_normal()
+                for ap in (False, True):
+                    rows.append({"task": "gym", "stage": stage, "gp": gp, "ap": ap,
+                                 "opt.name": f"dopr_{gp}" if ap else gp, "opt.lr": 1e-3, "seed": seed,
+                                 "best/test/return": base + (dopr_gain[gp] + noise if ap else 0.0),
+                                 "final/val/loss": 0.5 + (dopr_val_change[gp] + 0.001 * noise if ap else 0.0),
+                                 "best/val/loss": 0.5})
+    return pd.DataFrame(rows)
+
+
+def observations(runs, margin=0.1):
+    from dopr.analysis import report
+
+    choice = report.choose_settings(runs, "test/return", True, ["opt.lr"])
+    headline = pd.concat([report.headline_comparison(runs, "test/return", True, choice, ["opt.lr"], pick="best"),
+                          report.headline_comparison(runs, "val/loss", False, choice, ["opt.lr"], pick="final")])
+    table = report.paper_observations(runs, "test/return", True, choice, ["opt.lr"], headline, margin)
+    return dict(zip(table["observation"].str[:1], table["verdict"]))
+
+
+def test_the_papers_three_observations_get_their_verdict_words():
+    # similar bases, DoPr better on every GP, val/loss better with DoPr for one GP and worse for the other
+    words = observations(observation_runs({"adamw": 3000, "muon": 3010}, {"adamw": 400, "muon": 300},
+                                          {"adamw": -0.1, "muon": +0.1}))
+    assert words == {"1": "held", "2": "held", "3": "held"}
+    # one base GP far better; DoPr worse for one GP; val/loss moves with the return for both
+    words = observations(observation_runs({"adamw": 3000, "muon": 5000}, {"adamw": 400, "muon": -300},
+                                          {"adamw": -0.1, "muon": +0.1}))
+    assert words == {"1": "reversed", "2": "reversed", "3": "reversed"}
+    # a gap inside the noise but wider than a tight band; DoPr's gain on one GP unresolved
+    words = observations(observation_runs({"adamw": 3000, "muon": 3020}, {"adamw": 400, "muon": 1.0},
+                                          {"adamw": -0.1, "muon": 0.0}), margin=0.001)
+    assert words == {"1": "inconclusive", "2": "inconclusive", "3": "inconclusive"}
+    # one base GP: observation 1 is not tested
+    assert observations(observation_runs({"adamw": 3000}, {"adamw": 400}, {"adamw": -0.1}))["1"] == "not tested"

@@ -122,6 +122,22 @@ def _at_edge(cells: pd.DataFrame, keys: list[str], chosen: pd.Series) -> str:
     return ", ".join(edges) or "no"
 
 
+def _at_choice(group: pd.DataFrame, name: str, pick_row, keys: list[str], stage: str) -> pd.DataFrame:
+    """``name``'s runs in ``group`` at the setting chosen for it on the tuning seeds (all of them when
+    nothing was chosen); runs at another setting only are an error, not a silent empty side."""
+    side = group[group["opt.name"] == name]
+    if pick_row is None:
+        return side
+    for k in keys:
+        value = pick_row[k]
+        side = side[side[k].isna()] if isinstance(value, float) and math.isnan(value) else side[side[k] == value]
+    if side.empty:
+        ran = group.loc[group["opt.name"] == name, keys].drop_duplicates().to_dict("records")
+        raise SystemExit(f"{stage} runs of {name} are not at the setting chosen on the tuning seeds "
+                         f"({_setting_label(pick_row, keys)}); they ran {ran}")
+    return side
+
+
 def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: pd.DataFrame,
                         setting_keys: list[str], pick: str = "best") -> pd.DataFrame:
     """Each GP against DoPr with it, both at their chosen settings, paired by seed: on the verdict seeds
@@ -135,19 +151,7 @@ def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: p
         names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
         if set(names) != {False, True}:
             continue
-        sides = {}
-        for ap, name in names.items():
-            side = group[group["opt.name"] == name]
-            pick_row = chosen.get((task, name))
-            if pick_row is not None:
-                for k in keys:
-                    value = pick_row[k]
-                    side = side[side[k].isna()] if isinstance(value, float) and math.isnan(value) else side[side[k] == value]
-                if side.empty:
-                    ran = group.loc[group["opt.name"] == name, keys].drop_duplicates().to_dict("records")
-                    raise SystemExit(f"{stage} runs of {name} are not at the setting chosen on the tuning seeds "
-                                     f"({_setting_label(pick_row, keys)}); they ran {ran}")
-            sides[ap] = side
+        sides = {ap: _at_choice(group, name, chosen.get((task, name)), keys, stage) for ap, name in names.items()}
         column = f"{pick}/{metric}"
         result = paired_difference(_side(sides[True], column, f"{names[True]} at its chosen setting"),
                                    _side(sides[False], column, f"{names[False]} at its chosen setting"), metric, better)
@@ -155,6 +159,79 @@ def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: p
                      "base setting": _setting_label(sides[False].iloc[0], keys) if len(sides[False]) else "",
                      "dopr setting": _setting_label(sides[True].iloc[0], keys) if len(sides[True]) else "",
                      **result.as_row()})
+    return pd.DataFrame(rows)
+
+
+def _band_verdict(intervals: list[Interval], margin: float) -> str:
+    """Equivalence within +-margin: "held" when every 95% interval lies inside the band (stricter than
+    the two one-sided tests' 90% interval), "reversed" when some interval lies wholly outside it,
+    "inconclusive" otherwise."""
+    if all(math.isfinite(i.low) and math.isfinite(i.high) and -margin <= i.low and i.high <= margin for i in intervals):
+        return "held"
+    if any(i.low > margin or i.high < -margin for i in intervals):
+        return "reversed"
+    return "inconclusive"
+
+
+def paper_observations(runs: pd.DataFrame, metric: str, better: bool, choice: pd.DataFrame,
+                       setting_keys: list[str], headline: pd.DataFrame, similar_margin: float = 0.1) -> pd.DataFrame:
+    """The paper's three Fig. 7 observations, each with a verdict word, from the runs at the chosen settings:
+
+    1. The base GPs reach similar ``metric``: every pair of base GPs, paired by seed (best checkpoint),
+       has its 95% interval inside +-``similar_margin`` x the best base GP's mean (held; a ratio metric's
+       band is +-``similar_margin`` in log units), some pair's interval lies wholly outside it (reversed),
+       else inconclusive. Needs two base GPs.
+    2. DoPr improves ``metric`` for every GP: held when every pair's headline verdict is held, reversed
+       when any is reversed, else inconclusive.
+    3. Val loss does not track the test metric: per GP, DoPr's val/loss verdict (last evaluation) against
+       its metric verdict; "opposite" when both are decisive and disagree, "same" when both are decisive
+       and agree. Held when some GP is opposite, reversed when every GP is same, else inconclusive.
+    """
+    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
+    pool = runs[runs["stage"] == stage]
+    keys = [k for k in setting_keys if k in runs]
+    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    rows = []
+    for task, group in pool.groupby("task", sort=True):
+        bases = sorted(group.loc[~group["ap"].astype(bool), "opt.name"].unique())
+        if len(bases) >= 2:
+            sides = {b: _side(_at_choice(group, b, chosen.get((task, b)), keys, stage), f"best/{metric}", b) for b in bases}
+            means = {b: mean_interval(list(v.values())).mean for b, v in sides.items()}
+            best = (max if better else min)(means, key=lambda b: means[b])
+            margin = similar_margin if is_log_scale(metric) else similar_margin * abs(means[best])
+            pairs = [(a, b, paired_difference(sides[a], sides[b], metric, better))
+                     for i, a in enumerate(bases) for b in bases[i + 1:]]
+            word = _band_verdict([r.diff for _, _, r in pairs], margin)
+            evidence = (f"means {', '.join(f'{b} {means[b]:.4g}' for b in bases)}; band ±{margin:.3g}; "
+                        + "; ".join(f"{a}−{b} {r.diff.format()}" for a, b, r in pairs))
+        else:
+            word, evidence = "not tested", f"one base GP ({', '.join(bases)})"
+        rows.append({"task": task, "observation": f"1. the base GPs reach similar {metric}", "verdict": word,
+                     "evidence": evidence})
+
+        mine = headline[(headline["task"] == task) & (headline["stage"] == stage)]
+        test = mine[(mine["metric"] == metric) & (mine["pick"] == "best")].set_index("gp")
+        val = mine[(mine["metric"] == "val/loss") & (mine["pick"] == "final")].set_index("gp")
+        words = list(test["verdict"])
+        word = ("held" if words and all(w == "held" for w in words) else
+                "reversed" if "reversed" in words else "inconclusive")
+        rows.append({"task": task, "observation": f"2. DoPr improves {metric} for every GP", "verdict": word,
+                     "evidence": "; ".join(f"{gp}: {Interval(r['diff'], r['low'], r['high'], r['n']).format()} ({r['verdict']})"
+                                           for gp, r in test.iterrows())})
+
+        relations = {}
+        for gp, r in test.iterrows():
+            if gp not in val.index:
+                continue
+            t, v = r["verdict"], val.loc[gp, "verdict"]
+            decisive = t != "inconclusive" and v != "inconclusive"
+            relations[gp] = (("same" if t == v else "opposite") if decisive else "undecided", t, v)
+        kinds = [k for k, _, _ in relations.values()]
+        word = ("held" if "opposite" in kinds else
+                "reversed" if kinds and all(k == "same" for k in kinds) else "inconclusive")
+        rows.append({"task": task, "observation": f"3. val/loss does not track {metric} between DoPr and its GP",
+                     "verdict": word,
+                     "evidence": "; ".join(f"{gp}: val/loss {v}, {metric} {t} ({k})" for gp, (k, t, v) in relations.items())})
     return pd.DataFrame(rows)
 
 

@@ -28,6 +28,7 @@ class StudySpec:
     secondary: list[str] = field(default_factory=list)  # further test metrics paired in every cell (last evaluation)
     notes: list[str] = field(default_factory=list)
     verdict_where: dict = field(default_factory=dict)  # one cell of a verdict axis: the verdict runs kept
+    similar_margin: float = 0.1  # observation 1's band: base GPs "similar" within this fraction of the best's mean
 
 
 CSV_ONLY = ("committed data are an aggregated evals.csv: no git SHA, package versions or resolved config per run; "
@@ -153,7 +154,7 @@ STUDIES.update({s.name: s for s in _cells(
     "test/return", [{"task.train_episodes": e} for e in (2, 10)], lambda c: f"demos{c['task.train_episodes']}",
     "task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
     predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
-    notes=["AdamW pair only (Muon, Signum, AdaMuon cut for this box's budget)",
+    notes=["all four GPs with and without AP; Muon, Signum and AdaMuon share the AdamW pair's lr grid (AdamW-scaled lrs)",
            "budget-limited by design: 300 steps (at 2000, AdamW reaches the expert from 2 demos)",
            "tuned with 2 demos; the 10-demo cell reuses those settings"])})
 STUDIES.update({s.name: s for s in _cells(
@@ -162,3 +163,18 @@ STUDIES.update({s.name: s for s in _cells(
     "test/fid", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
     secondary=["test/fid@1", "test/fid@2", "test/fid@64", "test/acc"],
     notes=["AdamW pair only (the Muon pair was cut for this box's budget)"])})
+STUDIES.update({s.name: s for s in _cells(
+    "robomimic_lift_3demos", "robomimic_lift_3demos", "robomimic_lift",
+    "DoPr-AdamW reaches a higher best-checkpoint Lift success rate (low-dim, 3 demos, 9 Euler steps) than AdamW",
+    "test/success_rate", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    predictors=["val/loss", "val/action_mse"], secondary=["val/action_mse"],
+    notes=["AdamW pair only (the Muon pair was cut for this box's budget)",
+           "20 rollouts per evaluation on the tuning seeds, 50 on the verdict seeds (verdict_overrides)"])})
+STUDIES.update({s.name: s for s in _cells(
+    "lm_arith_len45", "lm_arith_len45", "lm_arith",
+    "DoPr-AdamW generates more exactly right answers to held-out 4- and 5-digit additions than AdamW",
+    "test/exact_match", [{}], lambda c: "", "", tune_seeds="0-2", verdict_seeds="10-17",
+    predictors=["val/loss", "val/sequence_nll"],
+    secondary=["test/exact_match_len4", "test/exact_match_len5", "test/exact_match_whole_sequence"],
+    notes=["AdamW pair only (the Muon pair was cut for this box's budget)",
+           "budget-limited: AdamW's val/loss is still falling at 1200 steps"])})
