@@ -23,6 +23,7 @@ from dopr.data.robomimic_hdf5 import (
 )
 from dopr.envs.robosuite_envs import RobosuiteEnv, convert_controller_configs, make_env_args
 from dopr.envs.scripted import generate_demos, make_expert, run_expert_episode
+from dopr.tasks.robomimic import RobomimicTask, generated_demos_path
 from dopr.models.unet1d import ConditionalUnet1D
 from dopr.models.vision import ResNetEncoder, random_crop
 from dopr.policies.flow_matching import FlowMatchingPolicy
@@ -54,6 +55,14 @@ def lift_file(tmp_path_factory):
     stats = generate_demos("Lift", 5, path, seed=3, action_noise=0.05, valid_fraction=0.2, log=None)
     assert stats["expert_success_rate"] == 1.0
     return path
+
+
+def test_a_generated_file_made_with_other_noise_is_not_reused(tmp_path):
+    path = generated_demos_path(tmp_path, "Lift", "low_dim", 1, 0)
+    generate_demos("Lift", 1, str(path), seed=0, action_noise=0.05, valid_fraction=0.0, log=None)
+    assert RobomimicTask._resolve_dataset(None, tmp_path, "Lift", 1, 0, 0.05, "low_dim") == str(path)
+    with pytest.raises(ValueError, match=r"action noise 0.05, not task.gen_noise=0.2; delete it"):
+        RobomimicTask._resolve_dataset(None, tmp_path, "Lift", 1, 0, 0.2, "low_dim")
 
 
 # ----- environments -----

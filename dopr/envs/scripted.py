@@ -341,6 +341,10 @@ def generate_demos(
                 log(f"{env_name}: {len(writer.names)}/{num_demos} demos, expert success {successes}/{attempts}")
         writer.data.attrs["expert_success_rate"] = successes / attempts
         writer.data.attrs["expert_attempts"] = attempts
+        # how the file was made: a task that reuses a generated file by name checks these against its settings
+        writer.data.attrs["expert_action_noise"] = float(action_noise)
+        writer.data.attrs["expert_seed"] = int(seed)
+        writer.data.attrs["expert_randomize"] = bool(randomize)
     env.close()
     stats = {
         "env_name": env_name,

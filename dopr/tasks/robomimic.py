@@ -220,6 +220,15 @@ class RobomimicTask(Task):
 
             print(f"[robomimic] {path} not found: generating {gen_demos} scripted {env_name} demos (once)")
             generate_demos(env_name, gen_demos, str(path), seed=gen_seed, action_noise=gen_noise, camera_names=cameras)
+        else:  # the name does not carry the noise: a file made with another one must not be reused silently
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                made_with = f["data"].attrs.get("expert_action_noise")
+            if made_with is not None and float(made_with) != float(gen_noise):
+                raise ValueError(f"{path} was generated with action noise {float(made_with):g}, not task.gen_noise="
+                                 f"{float(gen_noise):g}; delete it to regenerate it, or give the new demos their "
+                                 f"own task.demos_dir=<dir>")
         return str(path)
 
     def _check_keys_recorded(self, low_dim_keys: Sequence[str], image_keys: Sequence[str]) -> None:
