@@ -167,7 +167,6 @@ def test_image_demos_render_uint8_cameras(tmp_path):
     assert episode.obs["agentview_image"].dtype == np.uint8 and episode.obs["agentview_image"].std() > 5
 
     # the image policy trains on it: one camera through the ResNet encoder, plus low-dim keys
-    from dopr.tasks.robomimic import RobomimicTask
 
     task = RobomimicTask(env_name="Lift", dataset=path, obs="image", image_keys=["agentview_image"],
                          crop_size=28, image_base_width=8, unet_channels=[16, 32], time_embed_dim=16, batch_size=8)
@@ -331,7 +330,7 @@ def test_flow_policy_learns_an_observation_dependent_chunk():
 
 def test_tiny_train_and_rollout_end_to_end(lift_file, tmp_path):
     from dopr.envs.rollout import EnvPool
-    from dopr.tasks.robomimic import RobomimicTask, policy_from_checkpoint
+    from dopr.tasks.robomimic import policy_from_checkpoint
     from dopr.train import CHECKPOINT, TrainerConfig, train
 
     task = RobomimicTask(env_name="Lift", dataset=lift_file, unet_channels=[16, 32], time_embed_dim=16,
@@ -396,7 +395,6 @@ def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, monkeypa
     import importlib.util
     import sys
 
-    from dopr.tasks.robomimic import generated_demos_path
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("make_demos", os.path.join(repo, "scripts", "make_demos.py"))
