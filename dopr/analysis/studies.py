@@ -150,7 +150,7 @@ STUDIES.update({s.name: s for s in _cells(
            "tuned at action noise 0.3 with 10 demos; the other cells reuse those settings"])})
 STUDIES.update({s.name: s for s in _cells(
     "gym_walker2d_budget", "gym_walker2d_budget", "gym_walker2d",
-    "DoPr-AdamW raises Walker2d-v5 behavior-cloning return against AdamW after 300 steps ({train_episodes} clean demos)",
+    "DoPr raises Walker2d-v5 behavior-cloning return against its GP after 300 steps ({train_episodes} clean demos)",
     "test/return", [{"task.train_episodes": e} for e in (2, 10)], lambda c: f"demos{c['task.train_episodes']}",
     "task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
     predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
