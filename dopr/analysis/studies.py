@@ -133,10 +133,10 @@ STUDIES.update({s.name: s for s in _cells(
 
 STUDIES.update({s.name: s for s in _cells(
     "flow_2d_checkerboard", "flow_2d_checkerboard", "flow_2d_checkerboard",
-    "DoPr-AdamW's samples are closer to the checkerboard density (sliced W2 at 8 Euler steps) than AdamW's",
+    "DoPr's samples are closer to the checkerboard density (sliced W2 at 8 Euler steps) than its GP's",
     "test/swd", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
     secondary=["test/swd@1", "test/swd@2", "test/swd@64", "test/nll"],
-    notes=["AdamW pair only (the Muon pair was cut for this box's budget)"])})
+    notes=["the AdamW and Muon pairs (the Muon pair ran later, into the same sweep root)"])})
 STUDIES.update({s.name: s for s in _cells(
     "gym_hopper_noise", "gym_hopper_noise", "gym_hopper",
     lambda c: (f"DoPr-AdamW raises Hopper-v5 behavior-cloning return against AdamW ({c['task.train_episodes']} demos, "
