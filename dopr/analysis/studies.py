@@ -172,9 +172,9 @@ STUDIES.update({s.name: s for s in _cells(
            "20 rollouts per evaluation on the tuning seeds, 50 on the verdict seeds (verdict_overrides)"])})
 STUDIES.update({s.name: s for s in _cells(
     "lm_arith_len45", "lm_arith_len45", "lm_arith",
-    "DoPr-AdamW generates more exactly right answers to held-out 4- and 5-digit additions than AdamW",
+    "DoPr generates more exactly right answers to held-out 4- and 5-digit additions than its GP",
     "test/exact_match", [{}], lambda c: "", "", tune_seeds="0-2", verdict_seeds="10-17",
     predictors=["val/loss", "val/sequence_nll"],
     secondary=["test/exact_match_len4", "test/exact_match_len5", "test/exact_match_whole_sequence"],
-    notes=["AdamW pair only (the Muon pair was cut for this box's budget)",
+    notes=["the AdamW and Muon pairs (the Muon pair ran later, into the same sweep root)",
            "budget-limited: AdamW's val/loss is still falling at 1200 steps"])})
