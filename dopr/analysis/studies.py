@@ -123,6 +123,11 @@ def _cells(name: str, plan: str, task: str, claim: str, metric: str, cells: list
             for c in cells]
 
 
+def _one_cell(name: str, task: str, claim: str, metric: str, **extra) -> dict[str, StudySpec]:
+    """A run_study plan without verdict axes, registered under the plan's own name."""
+    return {s.name: s for s in _cells(name, name, task, claim, metric, [{}], lambda c: "", "", **extra)}
+
+
 STUDIES.update({s.name: s for s in _cells(
     "lds_anisotropy", "lds_anisotropy", "lds",
     "DoPr lowers the LDS closed-loop cost ratio against its GP (2 demonstrations, process-noise condition number {noise_cond:g})",
@@ -131,12 +136,12 @@ STUDIES.update({s.name: s for s in _cells(
     tune_seeds="0-2", verdict_seeds="10-19", secondary=["test/ttf_shift", "test/final_state_error"],
     notes=["tuned at noise_cond 1e6; the other conditions reuse those settings"])})
 
-STUDIES.update({s.name: s for s in _cells(
-    "flow_2d_checkerboard", "flow_2d_checkerboard", "flow_2d_checkerboard",
+STUDIES.update(_one_cell(
+    "flow_2d_checkerboard", "flow_2d_checkerboard",
     "DoPr's samples are closer to the checkerboard density (sliced W2 at 8 Euler steps) than its GP's",
-    "test/swd", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    "test/swd", tune_seeds="0-1", verdict_seeds="10-17",
     secondary=["test/swd@1", "test/swd@2", "test/swd@64", "test/nll"],
-    notes=["the AdamW and Muon pairs (the Muon pair ran later, into the same sweep root)"])})
+    notes=["the AdamW and Muon pairs (the Muon pair ran later, into the same sweep root)"]))
 STUDIES.update({s.name: s for s in _cells(
     "gym_hopper_noise", "gym_hopper_noise", "gym_hopper",
     lambda c: (f"DoPr-AdamW raises Hopper-v5 behavior-cloning return against AdamW ({c['task.train_episodes']} demos, "
@@ -157,24 +162,24 @@ STUDIES.update({s.name: s for s in _cells(
     notes=["all four GPs with and without AP; Muon, Signum and AdaMuon share the AdamW pair's lr grid (AdamW-scaled lrs)",
            "budget-limited by design: 300 steps (at 2000, AdamW reaches the expert from 2 demos)",
            "tuned with 2 demos; the 10-demo cell reuses those settings"])})
-STUDIES.update({s.name: s for s in _cells(
-    "flow_digits_unet", "flow_digits_unet", "flow_digits_unet",
+STUDIES.update(_one_cell(
+    "flow_digits_unet", "flow_digits_unet",
     "DoPr-AdamW's digit samples are closer to the data (Frechet distance at 16 Euler steps) than AdamW's",
-    "test/fid", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    "test/fid", tune_seeds="0-1", verdict_seeds="10-17",
     secondary=["test/fid@1", "test/fid@2", "test/fid@64", "test/acc"],
-    notes=["AdamW pair only (the Muon pair was cut for this box's budget)"])})
-STUDIES.update({s.name: s for s in _cells(
-    "robomimic_lift_3demos", "robomimic_lift_3demos", "robomimic_lift",
+    notes=["AdamW pair only (the Muon pair was cut for this box's budget)"]))
+STUDIES.update(_one_cell(
+    "robomimic_lift_3demos", "robomimic_lift",
     "DoPr-AdamW reaches a higher best-checkpoint Lift success rate (low-dim, 3 demos, 9 Euler steps) than AdamW",
-    "test/success_rate", [{}], lambda c: "", "", tune_seeds="0-1", verdict_seeds="10-17",
+    "test/success_rate", tune_seeds="0-1", verdict_seeds="10-17",
     predictors=["val/loss", "val/action_mse"], secondary=["val/action_mse"],
     notes=["AdamW pair only (the Muon pair was cut for this box's budget)",
-           "20 rollouts per evaluation on the tuning seeds, 50 on the verdict seeds (verdict_overrides)"])})
-STUDIES.update({s.name: s for s in _cells(
-    "lm_arith_len45", "lm_arith_len45", "lm_arith",
+           "20 rollouts per evaluation on the tuning seeds, 50 on the verdict seeds (verdict_overrides)"]))
+STUDIES.update(_one_cell(
+    "lm_arith_len45", "lm_arith",
     "DoPr generates more exactly right answers to held-out 4- and 5-digit additions than its GP",
-    "test/exact_match", [{}], lambda c: "", "", tune_seeds="0-2", verdict_seeds="10-17",
+    "test/exact_match", tune_seeds="0-2", verdict_seeds="10-17",
     predictors=["val/loss", "val/sequence_nll"],
     secondary=["test/exact_match_len4", "test/exact_match_len5", "test/exact_match_whole_sequence"],
     notes=["the AdamW and Muon pairs (the Muon pair ran later, into the same sweep root)",
-           "budget-limited: AdamW's val/loss is still falling at 1200 steps"])})
+           "budget-limited: AdamW's val/loss is still falling at 1200 steps"]))
