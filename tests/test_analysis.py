@@ -1,7 +1,6 @@
 """dopr/analysis and the scripts on it: runs.csv per the data contract, best/final/valpick, the rule for
 infinite and missing values, paired intervals, verdict words, bootstrap Spearman, provenance."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,16 +14,10 @@ from scipy import stats
 from dopr.analysis import (bootstrap_spearman, higher_is_better, mean_interval, paired_difference, read_runs_csv,
                            read_sweep, runs_table)
 from dopr.analysis.stats import Interval, verdict
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 40
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_run(root: Path, opt: str, seed: int, evals: list[dict], status="finished", legacy_damping=False, lr=1e-3):

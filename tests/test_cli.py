@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dopr.cli import parse_script_args, parse_script_args_and_overrides
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 USAGE = "usage: demo.py env=<name> [steps=10]"
@@ -88,14 +88,6 @@ def test_help_prints_the_usage_and_exits_cleanly(capsys):
     assert capsys.readouterr().out.strip() == USAGE
 
 
-def _load_script(name: str):
-    """As tests/test_analysis.py loads a script: not registered in sys.modules."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # every script under scripts/, with one of its keys
 SCRIPT_KEYS = {"aggregate": "metrics", "ap_accuracy": "d_out", "bench_optim": "gpt_d_model", "compare": "seeds",
                "ddp_example": "backend", "make_demos": "num_demos", "make_gym_demos": "action_noise",
@@ -109,7 +101,7 @@ def test_every_script_is_covered():
 
 @pytest.mark.parametrize("name", SCRIPT_KEYS)
 def test_scripts_print_their_docstring_on_help_and_reject_bad_keys_alike(name, capsys):
-    module = _load_script(name)
+    module = load_script(name)
     main, known_key = module.main, SCRIPT_KEYS[name]
     with pytest.raises(SystemExit) as exit_info:
         main(["help"])

@@ -6,7 +6,6 @@ which end in ~20-100 steps); nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -25,19 +24,13 @@ from dopr.envs.linear_expert import LinearPolicy, load_expert
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.shift import gaussian_state_shift
 from dopr.tasks.gym_bc import GymBCTask
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_gym_demos = _load_script("make_gym_demos")
+make_gym_demos = load_script("make_gym_demos")
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,6 @@ def test_image_demos_render_uint8_cameras(tmp_path):
     assert episode.obs["agentview_image"].dtype == np.uint8 and episode.obs["agentview_image"].std() > 5
 
     # the image policy trains on it: one camera through the ResNet encoder, plus low-dim keys
-
     task = RobomimicTask(env_name="Lift", dataset=path, obs="image", image_keys=["agentview_image"],
                          crop_size=28, image_base_width=8, unet_channels=[16, 32], time_embed_dim=16, batch_size=8)
     model = task.build_model()
@@ -394,7 +393,6 @@ def test_paths_data_moves_where_generated_demos_are_written(tmp_path):
 def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, monkeypatch, capsys):
     import importlib.util
     import sys
-
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("make_demos", os.path.join(repo, "scripts", "make_demos.py"))

@@ -1,14 +1,12 @@
 """scripts/run_study.py: every committed plan loads, and a run's overrides are the plan's for its stage."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("run_study", ROOT / "scripts" / "run_study.py")
-run_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_study)
+run_study = load_script("run_study")
 
 
 @pytest.mark.parametrize("plan", sorted(p.stem for p in (ROOT / "configs" / "study").glob("*.yaml")))
