@@ -11,11 +11,15 @@ Stages (each resumes: finished runs are skipped, interrupted ones continue from 
            each DoPr optimizer over the damping grid at its chosen learning rate, extended the same way
   verdict  every optimizer at its chosen setting on the fresh verdict seeds, in every cell of the
            plan's verdict_axes (their product, e.g. task.noise_cond, or task.dataset x task.train_episodes)
-Plan keys ``overrides`` apply to every run, ``tune_overrides`` / ``verdict_overrides`` to one stage's runs.
+Plan keys ``overrides`` apply to every run, ``tune_overrides`` / ``verdict_overrides`` to one stage's runs;
+``verdict_cut`` ([{where: {key: value}, optimizers: [...]}]) runs only the listed optimizers in the
+verdict cells that match ``where`` (a budget cut the plan states, rather than a sweep stopped short).
 Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
-verdict or all; default all), sweep_root (default multirun/<plan>).
-The choice of each stage is written to <sweep_root>/choice.json; scripts/study.py then makes the
-study's tables from the sweep directories.
+verdict or all; default all), sweep_root (default multirun/<plan>), optimizers (default all of the
+plan's: run only these, e.g. ``optimizers=[muon,dopr_muon]`` to finish one GP pair's tuning and
+verdict before the next starts, so a session that ends early leaves whole pairs).
+The choice of each stage is written to <sweep_root>/choice.json (merged: a run for some optimizers
+keeps the others' choices); scripts/study.py then makes the study's tables from the sweep directories.
 """
 
 import json
@@ -45,6 +49,7 @@ class RunStudyArgs:
     jobs: int = 2
     stage: str = "all"
     sweep_root: str = ""  # default: multirun/<plan>
+    optimizers: list[str] | None = None  # default: the plan's
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -63,6 +68,11 @@ def load_plan(name: str) -> dict:
                if k not in plan]
     if missing:
         raise SystemExit(f"{path.relative_to(ROOT)} lacks {missing}")
+    for cut in plan.get("verdict_cut", []):
+        unknown = sorted(set(cut.get("optimizers", [])) - set(plan["optimizers"]))
+        if set(cut) != {"where", "optimizers"} or unknown:
+            raise SystemExit(f"{path.relative_to(ROOT)}: verdict_cut entry {cut} needs exactly the keys where and "
+                             f"optimizers, the latter from the plan's optimizers {plan['optimizers']}")
     overlap = set(plan["tune_seeds"]) & set(plan["verdict_seeds"])
     if overlap:
         raise SystemExit(f"{path.relative_to(ROOT)}: seeds {sorted(overlap)} are both tuning and verdict seeds")
@@ -131,9 +141,23 @@ def verdict_cells(plan: dict) -> list[dict]:
     return cells
 
 
+def verdict_optimizers(plan: dict, cell: dict) -> list[str]:
+    """The plan's optimizers that run in a verdict cell: all of them unless a ``verdict_cut`` entry matches it."""
+    optimizers = list(plan["optimizers"])
+    for cut in plan.get("verdict_cut", []):
+        if all(cell.get(k) == v for k, v in cut["where"].items()):
+            optimizers = [o for o in optimizers if o in cut["optimizers"]]
+    return optimizers
+
+
 def main(argv: list[str]) -> None:
     args = parse_script_args(argv, RunStudyArgs, __doc__)
     plan = load_plan(args.plan)
+    if args.optimizers is not None:
+        unknown = sorted(set(args.optimizers) - set(plan["optimizers"]))
+        if unknown or not args.optimizers:
+            raise SystemExit(f"optimizers={args.optimizers}: choose a non-empty list from the plan's {plan['optimizers']}")
+        plan = {**plan, "optimizers": [o for o in plan["optimizers"] if o in args.optimizers]}
     jobs, stage = args.jobs, args.stage
     root = Path(args.sweep_root or ROOT / "multirun" / args.plan)
     root.mkdir(parents=True, exist_ok=True)
@@ -147,7 +171,7 @@ def main(argv: list[str]) -> None:
 
     if stage in ("tune", "all"):
         where = dict(plan.get("tune_at", {}))
-        choice = {}
+        choice = json.loads(choice_path.read_text()) if choice_path.exists() else {}
         for opt in plan["optimizers"]:
             lr, lr_scores = run_grid(plan, root, "tune", opt, "opt.lr", plan["lrs"], {}, plan["tune_seeds"],
                                      where, jobs, extend, log)
@@ -160,15 +184,21 @@ def main(argv: list[str]) -> None:
                                          {"opt.lr": choice[opt]["opt.lr"]}, plan["tune_seeds"], where, jobs, extend, log)
             choice[opt].update({"opt.ap.damping": damping, "damping_scores": d_scores})
             print(f"[study] {opt}: damping {damping:g} at lr {choice[opt]['opt.lr']:g} (default {default:g})", flush=True)
-        choice_path.write_text(json.dumps(choice, indent=1, default=str) + "\n")
+        # atomically: a session killed mid-write must not lose the other optimizers' choices
+        partial = choice_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(choice, indent=1, default=str) + "\n")
+        partial.replace(choice_path)
     if stage in ("verdict", "all"):
         if not choice_path.exists():
             raise SystemExit(f"{choice_path} missing: run stage=tune first")
         choice = json.loads(choice_path.read_text())
+        missing = [o for o in plan["optimizers"] if o not in choice]
+        if missing:
+            raise SystemExit(f"{choice_path} has no choice for {missing}: run stage=tune for them first")
         todo = []
         for cell in verdict_cells(plan):
             where = {**plan.get("tune_at", {}), **cell}
-            for opt in plan["optimizers"]:
+            for opt in verdict_optimizers(plan, cell):
                 settings = {k: v for k, v in choice[opt].items() if k in ("opt.lr", "opt.ap.damping")}
                 todo += [job(root, "verdict", plan, opt, s, settings, where) for s in plan["verdict_seeds"]]
         print(f"[study] verdict: {len(todo)} runs", flush=True)
