@@ -317,3 +317,16 @@ def test_the_papers_three_observations_get_their_verdict_words():
     assert words == {"1": "inconclusive", "2": "inconclusive", "3": "inconclusive"}
     # one base GP: observation 1 is not tested
     assert observations(observation_runs({"adamw": 3000}, {"adamw": 400}, {"adamw": -0.1}))["1"] == "not tested"
+
+
+def test_a_gp_without_its_dopr_arm_joins_observation_1_and_is_named_in_observation_2():
+    from dopr.analysis import report
+
+    runs = observation_runs({"adamw": 3000, "muon": 3010}, {"adamw": 400, "muon": 300}, {"adamw": -0.1, "muon": +0.1})
+    runs = runs[runs["opt.name"] != "dopr_muon"]  # Muon ran without AP only
+    choice = report.choose_settings(runs, "test/return", True, ["opt.lr"])
+    headline = report.headline_comparison(runs, "test/return", True, choice, ["opt.lr"], pick="best")
+    table = report.paper_observations(runs, "test/return", True, choice, ["opt.lr"], headline)
+    first, second = table.iloc[0], table.iloc[1]
+    assert first["verdict"] == "held" and "muon" in first["evidence"]
+    assert second["verdict"] == "held" and second["evidence"].endswith("muon: no DoPr run")

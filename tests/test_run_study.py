@@ -1,5 +1,6 @@
 """scripts/run_study.py: every committed plan loads, and a run's overrides are the plan's for its stage."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,64 @@ def test_overlapping_seeds_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(run_study, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match=r"seeds \[1\] are both tuning and verdict seeds"):
         run_study.load_plan("bad")
+
+
+def _write_plan(root: Path, text: str) -> None:
+    (root / "configs" / "study").mkdir(parents=True, exist_ok=True)
+    (root / "configs" / "study" / "p.yaml").write_text(
+        "task: lds\noptimizers: [adamw, dopr_adamw, muon]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0]\n"
+        "verdict_seeds: [10]\nmetric: test/cost_ratio\n" + text)
+
+
+def test_verdict_cut_runs_only_the_listed_optimizers_in_matching_cells(tmp_path, monkeypatch):
+    _write_plan(tmp_path, "verdict_axes: {task.train_episodes: [10, 2], task.noise: [0, 1]}\n"
+                          "verdict_cut: [{where: {task.train_episodes: 2}, optimizers: [adamw, dopr_adamw]}]\n")
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    plan = run_study.load_plan("p")
+    ran = {(c["task.train_episodes"], c["task.noise"]): run_study.verdict_optimizers(plan, c)
+           for c in run_study.verdict_cells(plan)}
+    assert ran == {(10, 0): ["adamw", "dopr_adamw", "muon"], (10, 1): ["adamw", "dopr_adamw", "muon"],
+                   (2, 0): ["adamw", "dopr_adamw"], (2, 1): ["adamw", "dopr_adamw"]}
+
+
+@pytest.mark.parametrize("cut", ["[{where: {task.noise: 0}, optimizers: [signum]}]",  # not in the plan
+                                 "[{where: {task.noise: 0}}]",  # no optimizers
+                                 "[{task.noise: 0, optimizers: [adamw]}]"])  # no where
+def test_a_malformed_verdict_cut_is_refused(tmp_path, monkeypatch, cut):
+    _write_plan(tmp_path, f"verdict_cut: {cut}\n")
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="verdict_cut entry"):
+        run_study.load_plan("p")
+
+
+def test_running_some_optimizers_keeps_the_others_choices(tmp_path, monkeypatch):
+    """optimizers=[...] tunes one GP pair; choice.json keeps what earlier runs chose for the others."""
+    _write_plan(tmp_path, "")
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    tuned = []
+
+    def fake_grid(plan, root, stage, opt, key, grid, fixed, seeds, where, jobs, extend, log):
+        tuned.append((opt, key))
+        return {"opt.lr": 3e-3, "opt.ap.damping": 1e-2}[key], {}
+
+    monkeypatch.setattr(run_study, "run_grid", fake_grid)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "choice.json").write_text('{"muon": {"opt.lr": 0.01, "lr_scores": {}}}\n')
+    run_study.main(["plan=p", "stage=tune", f"sweep_root={sweep}", "optimizers=[adamw,dopr_adamw]"])
+    assert tuned == [("adamw", "opt.lr"), ("dopr_adamw", "opt.lr"), ("dopr_adamw", "opt.ap.damping")]
+    choice = json.loads((sweep / "choice.json").read_text())
+    assert choice["muon"]["opt.lr"] == 0.01  # kept
+    assert choice["dopr_adamw"]["opt.ap.damping"] == 1e-2 and choice["adamw"]["opt.lr"] == 3e-3
+    with pytest.raises(SystemExit, match=r"optimizers=\['signum'\]"):
+        run_study.main(["plan=p", f"sweep_root={sweep}", "optimizers=[signum]"])
+
+
+def test_the_verdict_stage_refuses_optimizers_not_yet_tuned(tmp_path, monkeypatch):
+    _write_plan(tmp_path, "")
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "choice.json").write_text('{"adamw": {"opt.lr": 0.01}}\n')
+    with pytest.raises(SystemExit, match=r"no choice for \['dopr_adamw', 'muon'\]"):
+        run_study.main(["plan=p", "stage=verdict", f"sweep_root={sweep}"])

@@ -215,9 +215,11 @@ def paper_observations(runs: pd.DataFrame, metric: str, better: bool, choice: pd
         words = list(test["verdict"])
         word = ("held" if words and all(w == "held" for w in words) else
                 "reversed" if "reversed" in words else "inconclusive")
+        # a GP run without its DoPr arm (a plan's budget cut) is named, so "every GP" reads as every GP tested
+        unpaired = sorted(gp for gp, arms in group.groupby("gp", dropna=False)["ap"] if arms.astype(bool).nunique() < 2)
         rows.append({"task": task, "observation": f"2. DoPr improves {metric} for every GP", "verdict": word,
-                     "evidence": "; ".join(f"{gp}: {Interval(r['diff'], r['low'], r['high'], r['n']).format()} ({r['verdict']})"
-                                           for gp, r in test.iterrows())})
+                     "evidence": "; ".join([f"{gp}: {Interval(r['diff'], r['low'], r['high'], r['n']).format()} ({r['verdict']})"
+                                            for gp, r in test.iterrows()] + [f"{gp}: no DoPr run" for gp in unpaired])})
 
         relations = {}
         for gp, r in test.iterrows():
