@@ -236,6 +236,7 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     prov["left out"]["values"] = left
     prov["metric"] = {"name": metric, "higher is better": better,
                       "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
+    report.keep_analysis_date_if_unchanged(prov, out / "provenance.json")
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     report.val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
     if runs["opt.lr"].nunique() > 1:

@@ -367,6 +367,21 @@ def provenance(sweep: Sweep, runs: pd.DataFrame, commands: list[str], analysis_c
     }
 
 
+def keep_analysis_date_if_unchanged(prov: dict, path: Path) -> None:
+    """A re-analysis that changes nothing else keeps the committed provenance.json's analysis date, so
+    re-running every study's command leaves no diff where no record changed."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return
+    new = json.loads(json.dumps(prov, default=str))
+    date = "analysis date"
+    if date in old and {k: v for k, v in old.items() if k != date} == {k: v for k, v in new.items() if k != date}:
+        prov[date] = old[date]
+
+
 def missing_values(runs: pd.DataFrame, metric: str) -> list[dict]:
     """Runs kept in runs.csv whose value of a reported column is NaN: they drop out of that statistic."""
     out = []
