@@ -151,8 +151,8 @@ STUDIES.update({s.name: s for s in _cells(
     lambda c: f"noise{c['task.dataset'].split('noise')[1][:2]}_demos{c['task.train_episodes']}",
     "task.dataset,task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
     predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
-    notes=["all four GPs with and without AP with 10 demos; the AdamW pair only with 2 (the other pairs' 2-demo "
-           "cells cut for this box's budget: verdict_cut in the plan)",
+    notes=["AdamW, Signum and Muon with and without AP and AdaMuon without with 10 demos; the AdamW and Signum pairs "
+           "with 2 (DoPr-AdaMuon and the Muon and AdaMuon 2-demo cells cut for this box's budget: verdict_cut in the plan)",
            "tuned at action noise 0.3 with 10 demos; the other cells reuse those settings"])})
 STUDIES.update({s.name: s for s in _cells(
     "gym_walker2d_budget", "gym_walker2d_budget", "gym_walker2d",
