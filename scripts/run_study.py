@@ -38,6 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from dopr.analysis.stats import higher_is_better, is_log_scale  # noqa: E402
 from dopr.analysis.sweep import summarize_run  # noqa: E402
 from dopr.cli import parse_script_args  # noqa: E402
+from dopr.records import atomic_write_text  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
 
 STAGES = ("tune", "verdict", "all")
@@ -185,9 +186,7 @@ def main(argv: list[str]) -> None:
             choice[opt].update({"opt.ap.damping": damping, "damping_scores": d_scores})
             print(f"[study] {opt}: damping {damping:g} at lr {choice[opt]['opt.lr']:g} (default {default:g})", flush=True)
         # atomically: a session killed mid-write must not lose the other optimizers' choices
-        partial = choice_path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(choice, indent=1, default=str) + "\n")
-        partial.replace(choice_path)
+        atomic_write_text(choice_path, json.dumps(choice, indent=1, default=str) + "\n")
     if stage in ("verdict", "all"):
         if not choice_path.exists():
             raise SystemExit(f"{choice_path} missing: run stage=tune first")

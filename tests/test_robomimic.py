@@ -29,6 +29,7 @@ from dopr.models.vision import ResNetEncoder, random_crop
 from dopr.policies.flow_matching import FlowMatchingPolicy
 from dopr.policies.normalizer import RangeNormalizer
 from dopr.policies.obs_encoder import ObsEncoder
+from script_loader import load_script
 
 torch.set_num_threads(1)
 
@@ -390,15 +391,8 @@ def test_paths_data_moves_where_generated_demos_are_written(tmp_path):
     assert task.num_train_demos == 1 and demo_names(str(expected), "valid")
 
 
-def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, monkeypatch, capsys):
-    import importlib.util
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("make_demos", os.path.join(repo, "scripts", "make_demos.py"))
-    make_demos = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "make_demos", make_demos)  # dataclasses resolve annotations through it
-    spec.loader.exec_module(make_demos)
+def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, capsys):
+    make_demos = load_script("make_demos")
     make_demos.main(["env=lift", "num_demos=2", "seed=1", f"demos_dir={tmp_path}"])
     expected = generated_demos_path(tmp_path, "Lift", "low_dim", 2, 1)
     assert expected == tmp_path / "Lift_low_dim_2demos_seed1.hdf5" and expected.is_file()
