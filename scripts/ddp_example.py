@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopr.optim import build_optimizer
 from dopr.cli import parse_script_args
+from dopr.distributed import end_distributed_process
+from dopr.optim import build_optimizer
 
 BACKENDS = ("gloo", "nccl")
 
@@ -59,8 +60,8 @@ def main(argv: list[str]) -> None:
         opt.step()
         if rank == 0 and (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {loss.item():.5f}", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_distributed_process()  # destroys the group; a plain return can abort at exit under gloo
