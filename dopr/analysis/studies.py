@@ -145,14 +145,14 @@ STUDIES.update(_one_cell(
 STUDIES.update({s.name: s for s in _cells(
     "gym_hopper_noise", "gym_hopper_noise", "gym_hopper",
     lambda c: (f"DoPr raises Hopper-v5 behavior-cloning return against its GP ({c['task.train_episodes']} demos, "
-               f"action-noise std {0.3 if 'noise03' in c['task.dataset'] else 0.0:g} in the labels)"),
+               f"action-noise std {int(c['task.dataset'].split('noise')[1][:2]) / 10:g} in the labels)"),
     "test/return", [{"task.dataset": f"dopr/hopper/ars-noise{n}-v0", "task.train_episodes": e}
-                    for e in (10, 2) for n in ("00", "03")],
+                    for e in (10, 2) for n in ("00", "01", "03")],
     lambda c: f"noise{c['task.dataset'].split('noise')[1][:2]}_demos{c['task.train_episodes']}",
     "task.dataset,task.train_episodes", tune_seeds="0-1", verdict_seeds="10-17",
     predictors=GYM_PREDICTORS, secondary=["test/state_shift", "val/train_set_loss"],
-    notes=["AdamW, Signum and Muon with and without AP and AdaMuon without with 10 demos; the AdamW and Signum pairs "
-           "with 2 (DoPr-AdaMuon and the Muon and AdaMuon 2-demo cells cut for this box's budget: verdict_cut in the plan)",
+    notes=["all four GPs with and without AP with 10 demos at action noise 0 and 0.3; the AdamW and Signum pairs "
+           "in the 2-demo cells and at noise 0.1 (the other pairs cut there for this box's budget: verdict_cut in the plan)",
            "tuned at action noise 0.3 with 10 demos; the other cells reuse those settings"])})
 STUDIES.update({s.name: s for s in _cells(
     "gym_walker2d_budget", "gym_walker2d_budget", "gym_walker2d",
