@@ -32,7 +32,8 @@ when every source is a sweep dir, so that the study can be re-made from committe
 valpick/ of every metric), provenance.json, cells.{csv,md} (DoPr − base paired by seed in every cell),
 choice.{csv,md} (each optimizer's setting chosen on the tuning seeds by the test metric and by val loss),
 headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), observations.{csv,md} (the paper's
-three Fig. 7 observations with verdict words), decoupling.{csv,md} (Spearman),
+three Fig. 7 observations with verdict words), decoupling.{csv,md} (Spearman over each optimizer's runs),
+arms.{csv,md} (Spearman across optimizers of their seed means: does the arm that fits better deploy better),
 val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables) and readme_row.{json,md} (for scripts/results_table.py).
 """
 
@@ -49,6 +50,7 @@ from dopr.analysis.stats import higher_is_better
 from dopr.analysis.studies import STUDIES, StudySpec
 from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
 from dopr.cli import parse_script_args
+from dopr.records import atomic_write_text
 
 
 @dataclass
@@ -198,6 +200,8 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid
     spearman = report.spearman_table(grid, metric, spec.predictors, resamples)
     spearman.to_csv(out / "decoupling.csv", index=False)
+    arms = report.arms_spearman(runs, metric, choice, settings, spec.predictors, resamples)
+    arms.to_csv(out / "arms.csv", index=False)
 
     sections = {
         "cells": ("DoPr − base, paired by seed, in every cell (Δ of log values for ratio metrics)",
@@ -218,6 +222,12 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
                                    for lo, hi in zip(spearman["low"], spearman["high"])],
                          p=spearman["p"].map(lambda v: "n/a" if v != v else f"{v:.2g}"))
                          [["predictor", "opt.name", "n", "rho", "interval", "p"]])),
+        "arms": (f"Across all optimizers at their chosen settings: Spearman ρ of each one's mean final one-step "
+                 f"metric against its mean best {metric} (95% bootstrap over seeds; arms listed as predictor → metric)",
+                 report.markdown_table(arms.assign(
+                     rho=arms["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
+                     interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(arms["low"], arms["high"])])
+                     [["predictor", "arms n", "seeds", "rho", "interval", "arms"]]) if len(arms) else "no runs"),
     }
     for name, (_, text) in sections.items():
         (out / f"{name}.md").write_text(text)
@@ -237,7 +247,7 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     prov["metric"] = {"name": metric, "higher is better": better,
                       "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
     report.keep_analysis_date_if_unchanged(prov, out / "provenance.json")
-    (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    atomic_write_text(out / "provenance.json", json.dumps(prov, indent=2, default=str) + "\n")
     report.val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
     if runs["opt.lr"].nunique() > 1:
         report.lr_figure(runs[runs["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
@@ -247,7 +257,7 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
     (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "
                                        f"{row['seeds']} |\n")
     print("\n".join(study_md))
-    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling "
+    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
     return row
 

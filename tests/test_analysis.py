@@ -343,3 +343,27 @@ def test_a_re_analysis_that_changes_nothing_keeps_the_analysis_date(tmp_path):
     changed = {"runs tabled": 5, "analysis date": "2026-12-01T10:00:00+00:00"}
     report.keep_analysis_date_if_unchanged(changed, path)
     assert changed["analysis date"] == "2026-12-01T10:00:00+00:00"
+
+
+def test_arms_spearman_ranks_seed_means_across_optimizers():
+    """Four arms whose val/loss order is the reverse of their return order: rho -1 on the seed means, as
+    scipy gives it, and a seeded bootstrap over seeds; an arm's missing seed leaves its mean defined."""
+    from dopr.analysis import report
+    from dopr.analysis.stats import spearman_of_arm_means
+
+    runs = observation_runs({"adamw": 3000, "muon": 2000}, {"adamw": 400, "muon": 300}, {"adamw": -0.2, "muon": -0.1})
+    runs.loc[runs["gp"] == "muon", "final/val/loss"] += 0.5  # the Muon arms fit worst and return least
+    runs = runs.drop(runs.index[(runs["opt.name"] == "muon") & (runs["seed"] == 3) & (runs["stage"] == "verdict")])
+    choice = report.choose_settings(runs, "test/return", True, ["opt.lr"])
+    table = report.arms_spearman(runs, "test/return", choice, ["opt.lr"], ["val/loss"], resamples=200)
+    row = table.iloc[0]
+    verdict = runs[runs["stage"] == "verdict"]
+    means = verdict.groupby("opt.name")[["final/val/loss", "best/test/return"]].mean()
+    assert row["arms n"] == 4 and row["stage"] == "verdict"
+    assert row["rho"] == pytest.approx(stats.spearmanr(means["final/val/loss"], means["best/test/return"]).statistic)
+    assert row["rho"] == pytest.approx(-1.0) and row["high"] < 0
+    assert row["arms"].startswith("dopr_adamw") and "muon" in row["arms"].split(";")[-1]
+    x, y = np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [5.0, 5.0, math.nan]]), np.array([[3.0, 2, 1], [1, 1, 1], [0, 1, 0]])
+    a, b = spearman_of_arm_means(x, y, 100, seed=1), spearman_of_arm_means(x, y, 100, seed=1)
+    assert a == b and a.n == 3 and a.rho == pytest.approx(-1.0)
+    assert math.isnan(spearman_of_arm_means(x[:2], y[:2]).rho)  # two arms: no rank correlation

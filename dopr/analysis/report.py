@@ -19,7 +19,7 @@ import pandas as pd
 
 from dopr.records import machine
 from dopr.analysis.stats import (Interval, bootstrap_spearman, higher_is_better, is_log_scale, mean_interval,
-                                 paired_difference)
+                                 paired_difference, spearman_of_arm_means)
 from dopr.analysis.sweep import Sweep, finite_or_none
 
 PICKS = ("best", "final", "valpick")  # which checkpoint of a run a value is read at
@@ -234,6 +234,41 @@ def paper_observations(runs: pd.DataFrame, metric: str, better: bool, choice: pd
         rows.append({"task": task, "observation": f"3. val/loss does not track {metric} between DoPr and its GP",
                      "verdict": word,
                      "evidence": "; ".join(f"{gp}: val/loss {v}, {metric} {t} ({k})" for gp, (k, t, v) in relations.items())})
+    return pd.DataFrame(rows)
+
+
+def arms_spearman(runs: pd.DataFrame, metric: str, choice: pd.DataFrame, setting_keys: list[str],
+                  predictors=("val/loss",), resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Across every optimizer of a task (GPs and DoPr alike) at its chosen setting: Spearman rho of each
+    arm's mean final one-step ``predictor`` against its mean best-checkpoint ``metric``, over the verdict
+    seeds (the tuning seeds, when there are none), with a bootstrap over seeds. Does the arm that fits the
+    data better deploy better, across optimizers? (Within one GP and its DoPr, ``headline_comparison``
+    answers it.) ``arms`` lists each arm's two means, in the predictor's order."""
+    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
+    pool = runs[runs["stage"] == stage]
+    keys = [k for k in setting_keys if k in runs]
+    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    rows = []
+    for task, group in pool.groupby("task", sort=True):
+        arms = sorted(group["opt.name"].unique())
+        sides = {a: _at_choice(group, a, chosen.get((task, a)), keys, stage).set_index("seed") for a in arms}
+        seeds = sorted(set().union(*(side.index for side in sides.values())))
+
+        def by_seed(column: str) -> np.ndarray:  # arms x seeds, NaN where an arm lacks a seed
+            return np.array([[sides[a][column].get(s, math.nan) for s in seeds] for a in arms], dtype=float)
+
+        outcome = by_seed(f"best/{metric}")
+        for predictor in predictors:
+            column = f"final/{predictor}"
+            if column not in runs:
+                continue
+            fit = by_seed(column)
+            result = spearman_of_arm_means(fit, outcome, resamples, seed)
+            means = sorted(zip(np.nanmean(fit, axis=1), np.nanmean(outcome, axis=1), arms))
+            rows.append({"task": task, "stage": stage, "predictor": predictor, "arms n": result.n,
+                         "seeds": len(seeds), "rho": result.rho, "low": result.low, "high": result.high,
+                         "p": result.p_value,
+                         "arms": "; ".join(f"{a} {f:.3g} → {m:.4g}" for f, m, a in means)})
     return pd.DataFrame(rows)
 
 

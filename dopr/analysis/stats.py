@@ -204,3 +204,29 @@ def bootstrap_spearman(x, y, resamples: int = 2000, seed: int = 0) -> SpearmanRe
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (math.nan, math.nan)
     return SpearmanResult(rho, float(low), float(high), n, float(full.pvalue), len(boot))
+
+
+def spearman_of_arm_means(x, y, resamples: int = 2000, seed: int = 0) -> SpearmanResult:
+    """Spearman rho across arms of their seed means: ``x`` and ``y`` are arms x seeds, the same seed in
+    each column (runs paired by seed). The 95% percentile interval comes from a bootstrap over the seeds,
+    the columns resampled together, seeded; ``n`` counts arms. NaNs are left out of each mean; an arm
+    with no value on one side is left out."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    kept = ~(np.isnan(x).all(axis=1) | np.isnan(y).all(axis=1))
+    x, y = x[kept], y[kept]
+    n = len(x)
+    with warnings.catch_warnings():  # a resample can leave an arm without values: its mean is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_x, mean_y = np.nanmean(x, axis=1), np.nanmean(y, axis=1)
+        if n < 3 or np.unique(mean_x).size < 2 or np.unique(mean_y).size < 2:
+            return SpearmanResult(math.nan, math.nan, math.nan, n, math.nan, 0)
+        full = stats.spearmanr(mean_x, mean_y)
+        columns = x.shape[1]
+        picks = np.random.default_rng(seed).integers(0, columns, size=(resamples, columns))
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        boot = np.array([stats.spearmanr(np.nanmean(x[:, i], axis=1), np.nanmean(y[:, i], axis=1),
+                                         nan_policy="omit").statistic for i in picks], dtype=float)
+    boot = boot[~np.isnan(boot)]
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (math.nan, math.nan)
+    return SpearmanResult(float(full.statistic), float(low), float(high), n, float(full.pvalue), len(boot))
