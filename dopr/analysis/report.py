@@ -138,14 +138,19 @@ def _at_choice(group: pd.DataFrame, name: str, pick_row, keys: list[str], stage:
     return side
 
 
+def _comparison_pool(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str]):
+    """What every comparison at the chosen settings reads: the stage (verdict when it ran, else tune),
+    that stage's runs, the setting keys recorded, and each (task, optimizer)'s chosen row."""
+    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
+    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    return stage, runs[runs["stage"] == stage], [k for k in setting_keys if k in runs], chosen
+
+
 def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: pd.DataFrame,
                         setting_keys: list[str], pick: str = "best") -> pd.DataFrame:
     """Each GP against DoPr with it, both at their chosen settings, paired by seed: on the verdict seeds
     when there are any, else on the tuning seeds (then flagged: the choice flatters both arms)."""
-    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
-    pool = runs[runs["stage"] == stage]
-    keys = [k for k in setting_keys if k in runs]
-    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
     rows = []
     for (task, gp), group in pool.groupby(["task", "gp"], sort=True, dropna=False):
         names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
@@ -187,10 +192,7 @@ def paper_observations(runs: pd.DataFrame, metric: str, better: bool, choice: pd
        its metric verdict; "opposite" when both are decisive and disagree, "same" when both are decisive
        and agree. Held when some GP is opposite, reversed when every GP is same, else inconclusive.
     """
-    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
-    pool = runs[runs["stage"] == stage]
-    keys = [k for k in setting_keys if k in runs]
-    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
     rows = []
     for task, group in pool.groupby("task", sort=True):
         bases = sorted(group.loc[~group["ap"].astype(bool), "opt.name"].unique())
@@ -244,10 +246,7 @@ def arms_spearman(runs: pd.DataFrame, metric: str, choice: pd.DataFrame, setting
     seeds (the tuning seeds, when there are none), with a bootstrap over seeds. Does the arm that fits the
     data better deploy better, across optimizers? (Within one GP and its DoPr, ``headline_comparison``
     answers it.) ``arms`` lists each arm's two means, in the predictor's order."""
-    stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
-    pool = runs[runs["stage"] == stage]
-    keys = [k for k in setting_keys if k in runs]
-    chosen = {(r["task"], r["opt.name"]): r for _, r in choice.iterrows()}
+    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
     rows = []
     for task, group in pool.groupby("task", sort=True):
         arms = sorted(group["opt.name"].unique())
