@@ -150,6 +150,13 @@ def spec_from(args: StudyArgs) -> StudySpec:
     return StudySpec(**{**spec.__dict__, **overrides})
 
 
+def _rho_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """A Spearman table's rho and interval as printed (n/a where undefined)."""
+    return table.assign(rho=table["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
+                        interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
+                                  for lo, hi in zip(table["low"], table["high"])])
+
+
 def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> dict:
     """Everything the module docstring lists; returns the README row."""
     out = Path(spec.out)
@@ -216,18 +223,13 @@ def run_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -> 
                          report.markdown_table(observations)),
         "decoupling": (f"Spearman ρ of final one-step metrics against final {metric}, per optimizer over its runs "
                      f"(95% bootstrap over runs)",
-                     report.markdown_table(spearman.assign(
-                         rho=spearman["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
-                         interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
-                                   for lo, hi in zip(spearman["low"], spearman["high"])],
+                     report.markdown_table(_rho_columns(spearman).assign(
                          p=spearman["p"].map(lambda v: "n/a" if v != v else f"{v:.2g}"))
                          [["predictor", "opt.name", "n", "rho", "interval", "p"]])),
         "arms": (f"Across all optimizers at their chosen settings: Spearman ρ of each one's mean final one-step "
                  f"metric against its mean best {metric} (95% bootstrap over seeds; arms listed as predictor → metric)",
-                 report.markdown_table(arms.assign(
-                     rho=arms["rho"].map(lambda v: "n/a" if v != v else f"{v:+.2f}"),
-                     interval=["n/a" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(arms["low"], arms["high"])])
-                     [["predictor", "arms n", "seeds", "rho", "interval", "arms"]]) if len(arms) else "no runs"),
+                 report.markdown_table(_rho_columns(arms)[["predictor", "arms n", "seeds", "rho", "interval", "arms"]])
+                 if len(arms) else "no runs"),
     }
     for name, (_, text) in sections.items():
         (out / f"{name}.md").write_text(text)

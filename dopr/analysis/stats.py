@@ -183,6 +183,15 @@ class SpearmanResult:
     resamples_used: int  # resamples with a defined rho (one that repeats a single point has none)
 
 
+def _percentile_interval(boot: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap values (NaN, NaN when there are none)."""
+    if not len(boot):
+        return math.nan, math.nan
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_spearman(x, y, resamples: int = 2000, seed: int = 0) -> SpearmanResult:
     """Spearman rho of (x, y) (scipy.stats.spearmanr) with a 95% percentile interval from a bootstrap
     over the points (runs), seeded so the same data give the same interval.
@@ -201,8 +210,7 @@ def bootstrap_spearman(x, y, resamples: int = 2000, seed: int = 0) -> SpearmanRe
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         boot = np.array([stats.spearmanr(x[i], y[i]).statistic for i in picks], dtype=float)
     boot = boot[~np.isnan(boot)]
-    tail = 100 * (1 - CONFIDENCE) / 2
-    low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (math.nan, math.nan)
+    low, high = _percentile_interval(boot)
     return SpearmanResult(rho, float(low), float(high), n, float(full.pvalue), len(boot))
 
 
@@ -227,6 +235,5 @@ def spearman_of_arm_means(x, y, resamples: int = 2000, seed: int = 0) -> Spearma
         boot = np.array([stats.spearmanr(np.nanmean(x[:, i], axis=1), np.nanmean(y[:, i], axis=1),
                                          nan_policy="omit").statistic for i in picks], dtype=float)
     boot = boot[~np.isnan(boot)]
-    tail = 100 * (1 - CONFIDENCE) / 2
-    low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (math.nan, math.nan)
+    low, high = _percentile_interval(boot)
     return SpearmanResult(float(full.statistic), float(low), float(high), n, float(full.pvalue), len(boot))
