@@ -4,21 +4,103 @@ files, so nothing depends on a W&B account."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import math
 import os
 import platform
 import secrets
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 PACKAGES = ("torch", "numpy", "pytorch-optimizer", "hydra-core", "wandb", "gymnasium", "mujoco", "robosuite",
             "minari", "transformers", "peft", "h5py", "scikit-learn")
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WANDB_ID = "wandb_id.txt"
+LOCK = ".lock"
+
+
+class RecordsError(ValueError):
+    """A record file (summary.json, metrics.jsonl) that cannot be read as one; the message names it."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (an exclusive flock, holding our pid and host) inside the block: two runs
+    writing one dir interleave their records. The OS drops the lock when its process dies, so a killed
+    run leaves none behind; the file stays (removing it would let a waiting writer lock a dead inode)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid, _, host = f.read().strip().partition(" ")
+            owner = f"pid {pid} on {host}" if pid else "a process that has not yet written its pid"
+            raise RunDirBusyError(
+                f"{run_dir} is in use by another run ({owner}; {run_dir / LOCK} is locked): wait for that run to "
+                f"end, or give this one its own hydra.run.dir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_summary(path: Path) -> dict:
+    """A run's summary.json. It is written whole (temp file + rename), so one that does not parse was
+    damaged or edited afterwards."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RecordsError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column {error.colno}); "
+                           f"restore it, or delete {path.parent} and run that run again") from None
+    if not isinstance(summary, dict):
+        raise RecordsError(f"{path}: not a run summary (a JSON object); restore it, or delete {path.parent} and "
+                           f"run that run again")
+    return summary
+
+
+def read_metrics(path: Path, drop_torn_last: bool = False) -> list[dict]:
+    """A run's metrics.jsonl, one evaluation record per line. A crash mid-append leaves the last line
+    cut short: with ``drop_torn_last`` (resuming from a checkpoint, which never covers that line) it is
+    dropped and said so; any other line that is not a record is damage, an error naming the line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if drop_torn_last and number == len(lines):
+                print(f"[dopr] {path}: dropped a torn last line (line {number}, cut short by a crash mid-write; "
+                      f"the checkpoint does not cover it)", flush=True)
+                logging.getLogger(__name__).warning("%s: dropped a torn last line (line %d)", path, number)
+                break
+            raise RecordsError(f"{path}, line {number}: not a JSON record ({error.msg}); only a crash's last line "
+                               f"can be cut short, so the file was damaged afterwards: restore it, or delete "
+                               f"{path.parent} and run that run again") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise RecordsError(f"{path}, line {number}: not an evaluation record (a JSON object with a step); "
+                               f"restore it, or delete {path.parent} and run that run again")
+        records.append(record)
+    return records
 
 
 def temp_path(path: Path) -> Path:
@@ -82,7 +164,9 @@ def git_revision() -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    """The machine a result came from: platform, CPU model, core count, Python (and GPU, if any)."""
+    """The machine a result came from: platform, CPU model, core count, Python, the ATen CPU kernel set
+    (and GPU, if any). Floating-point sums, hence results, differ with the CPU's kernel set (default,
+    AVX2, AVX-512: each orders them differently), not only with the thread count."""
     cpu = None
     try:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -94,6 +178,7 @@ def machine() -> dict[str, Any]:
     try:
         import torch
 
+        info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     except ImportError:
@@ -131,7 +216,7 @@ class RunRecorder:
                            "machine": machine()}
         if resume_step is not None and self.metrics_path.exists():
             # Keep what the checkpoint covers; lines written after it are re-earned by the resumed run.
-            kept = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            kept = read_metrics(self.metrics_path, drop_torn_last=True)
             self.records = [r for r in kept if r["step"] <= resume_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif self.metrics_path.exists():

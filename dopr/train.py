@@ -130,8 +130,8 @@ def load_checkpoint(path: Path) -> dict:
 # (every key Hydra leaves out of a run dir's name must be here, or resume=true would refuse its own runs).
 # Data locations are among them: the data is named by task.dataset, a moved root holds the same files
 # (and runs from before paths.data existed have none of these keys).
-RESUME_MAY_CHANGE = ("resume", "logger", "trainer.progress", "trainer.threads", "device", "task.device",
-                     "paths", "task.datasets_path", "task.demos_dir", "task.cache_dir")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "logger", "trainer.progress", "trainer.threads", "device",
+                     "task.device", "paths", "task.datasets_path", "task.demos_dir", "task.cache_dir")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -158,6 +158,16 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
             show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
             conflicts.append(f"{key}: {show(before)} -> {show(after)}")
     return conflicts
+
+
+def check_resume_config(saved: dict, current: dict, run_dir: Path, source: str) -> None:
+    """Refuse to resume ``run_dir`` (whose ``source`` recorded ``saved``) with a config that trains otherwise."""
+    conflicts = resume_conflicts(saved, current)
+    if conflicts:
+        raise ValueError(
+            f"resume: {run_dir} was trained with a different config ({len(conflicts)} keys differ, {source} -> now): "
+            + "; ".join(conflicts) + ". Resume with the run's own settings, or start a new run with resume=false "
+            f"and a new hydra.run.dir (overwrite=true replaces this run)")
 
 
 def _holds_non_finite(batch: Any) -> bool:
@@ -196,18 +206,15 @@ def train(task: Task, opt: dict, trainer: TrainerConfig, run_dir: Path, config: 
     start, elapsed, ckpt = 0, 0.0, None
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        conflicts = resume_conflicts(ckpt.get("config") or {}, config)
-        if conflicts:  # refused before anything in the run dir is touched
-            raise ValueError(
-                f"resume: {run_dir} was trained with a different config ({len(conflicts)} keys differ, "
-                f"checkpoint -> now): " + "; ".join(conflicts) + ". Resume with the run's own settings, "
-                f"or start a new run with resume=false")
+        check_resume_config(ckpt.get("config") or {}, config, run_dir, "checkpoint")  # before touching the run dir
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start, elapsed = int(ckpt["step"]), float(ckpt["wall_time"])
+    else:  # a fresh run: a previous run's checkpoint must not outlive it (resume would continue that run)
+        ckpt_path.unlink(missing_ok=True)
     recorder = RunRecorder(run_dir, config, task.headline_metric, task.higher_is_better, logger,
                            resume_step=start if ckpt is not None else None, threads=torch.get_num_threads())
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from dopr.analysis import mean_interval
 from dopr.analysis.report import markdown_table
-from dopr.analysis.sweep import read_sweep_dir
+from dopr.analysis.sweep import last_evaluations, read_sweep_dir
 from dopr.cli import parse_script_args
 
 
@@ -35,7 +35,7 @@ class AggregateArgs:
 
 def final_table(evals: pd.DataFrame, group: list[str], metrics: list[str]) -> pd.DataFrame:
     """Per group: seeds, and for each metric the mean and 95% half-width of the runs' last evaluation."""
-    last = evals.sort_values("step").groupby("run").tail(1)
+    last = last_evaluations(evals)
     rows = []
     for key, runs in last.groupby(group, dropna=False, sort=True):
         row = dict(zip(group, key if isinstance(key, tuple) else (key,)))

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dopr.analysis.stats import higher_is_better, paired_difference  # noqa: E402
+from dopr.analysis.stats import drop_missing, higher_is_better, paired_difference  # noqa: E402
 from dopr.cli import parse_script_args_and_overrides  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
 
@@ -55,6 +55,10 @@ class CompareArgs:
             raise ValueError(f"seeds={self.seeds!r}: write a comma list of integers, e.g. seeds=0,1,2") from None
         if not seeds or min(seeds) < 0 or self.jobs < 1:
             raise ValueError("seeds must list at least one integer >= 0 and jobs must be >= 1")
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:  # one seed is one pair of runs: listed twice it would pass for two seeds' agreement
+            raise ValueError(f"seeds={self.seeds!r} lists seed {', '.join(map(str, twice))} twice; list each seed "
+                             f"once, e.g. seeds={','.join(map(str, sorted(set(seeds))))}")
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -79,12 +83,14 @@ def show(job: Job, summary: dict, seconds: float) -> None:
 
 
 def _mean_sd(values: list[float]) -> str:
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
+    """Mean ± sd over seeds; a missing value (NaN, null in summary.json) is left out and counted."""
+    x, missing = drop_missing(values)
+    note = f" ({missing} missing)" if missing else ""
+    if len(x) == 0:
+        return f"n/a{note}"
     if len(x) == 1:
-        return f"{x[0]:.4g}"
-    return f"{x.mean():.4g} ± {x.std(ddof=1):.2g}"
+        return f"{x[0]:.4g}{note}"
+    return f"{x.mean():.4g} ± {x.std(ddof=1):.2g}{note}"
 
 
 def report(cfg: dict, summaries: dict[tuple[str, int], dict]) -> None:
@@ -102,13 +108,21 @@ def report(cfg: dict, summaries: dict[tuple[str, int], dict]) -> None:
         print(f"| {opt} | " + " | ".join(_mean_sd([value[(opt, s)][m] for s in cfg["seeds"]]) for m in metrics) + " |")
     if n > 1:
         print(f"\n{dopr} minus {base}, paired by seed (95% t-interval; ratios as log ratios):")
-        for m in metrics:
-            r = paired_difference({s: value[(dopr, s)][m] for s in cfg["seeds"]},
-                                  {s: value[(base, s)][m] for s in cfg["seeds"]}, m,
-                                  higher_is_better(m, headline, headline_higher))
-            scale = "log ratio " if r.scale == "log" else ""
-            print(f"  {m}: {scale}{r.diff.mean:+.3g} [{r.diff.low:+.3g}, {r.diff.high:+.3g}], DoPr better on "
+    else:
+        print(f"\n{dopr} minus {base}, seed {cfg['seeds'][0]} (one seed: no interval):")
+    for m in metrics:
+        higher = higher_is_better(m, headline, headline_higher)
+        r = paired_difference({s: value[(dopr, s)][m] for s in cfg["seeds"]},
+                              {s: value[(base, s)][m] for s in cfg["seeds"]}, m, higher)
+        scale = "log ratio " if r.scale == "log" else ""
+        if n > 1:
+            print(f"  {m}: {scale}{r.diff.mean:+.3g} {r.diff.bounds()}, DoPr better on "
                   f"{round(r.dopr_better_fraction * r.diff.n)}/{r.diff.n} seeds: {r.verdict}")
+        elif r.diff.n:
+            side = "same" if r.diff.mean == 0 else "better" if (r.diff.mean > 0) == higher else "worse"
+            print(f"  {m}: {scale}{r.diff.mean:+.3g} (DoPr {side})")
+        else:
+            print(f"  {m}: n/a (a side has no value)")
     figure = cfg["out"] / "val_vs_test.png"
     _figure(cfg, value, headline, figure)
     print(f"\nfigure: {figure}\nrecords: {cfg['out']}/<opt>/seed<seed>/metrics.jsonl, summary.json")

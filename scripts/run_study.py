@@ -14,6 +14,8 @@ Stages (each resumes: finished runs are skipped, interrupted ones continue from 
 Plan keys ``overrides`` apply to every run, ``tune_overrides`` / ``verdict_overrides`` to one stage's runs;
 ``verdict_cut`` ([{where: {key: value}, optimizers: [...]}]) runs only the listed optimizers in the
 verdict cells that match ``where`` (a budget cut the plan states, rather than a sweep stopped short).
+The keys, their types and defaults are StudyPlan's: an unknown key (a typo such as verdict_axis) or a
+value of the wrong type is refused before any run, naming the key and the plan file.
 Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
 verdict or all; default all), sweep_root (default multirun/<plan>), optimizers (default all of the
 plan's: run only these, e.g. ``optimizers=[muon,dopr_muon]`` to finish one GP pair's tuning and
@@ -22,11 +24,15 @@ The choice of each stage is written to <sweep_root>/choice.json (merged: a run f
 keeps the others' choices); scripts/study.py then makes the study's tables from the sweep directories.
 """
 
+import dataclasses
+import difflib
 import json
 import math
 import sys
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union, get_args, get_origin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +42,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from dopr.analysis.stats import higher_is_better, is_log_scale  # noqa: E402
-from dopr.analysis.sweep import summarize_run  # noqa: E402
+from dopr.analysis.sweep import finished_metrics, summarize_run  # noqa: E402
 from dopr.cli import parse_script_args  # noqa: E402
 from dopr.records import atomic_write_text  # noqa: E402
 from dopr.runner import Job, run_jobs  # noqa: E402
@@ -59,25 +65,85 @@ class RunStudyArgs:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
 
 
+Setting = int | float | str | bool  # a config value a plan sets (task.noise_cond: 1e6, task.dataset: <id>)
+
+
+@dataclass
+class StudyPlan:
+    """A configs/study/<plan>.yaml: its keys, their types, and the optional keys' defaults."""
+    task: str
+    optimizers: list[str]
+    lrs: list[float]
+    dampings: list[float]
+    tune_seeds: list[int]
+    verdict_seeds: list[int]
+    metric: str  # the test metric tuning chooses by
+    overrides: list[str] = field(default_factory=list)  # every run
+    tune_overrides: list[str] = field(default_factory=list)
+    verdict_overrides: list[str] = field(default_factory=list)
+    default_damping: float = 1e-3  # what the lr stage runs DoPr at
+    extend: int = 2  # how many times a grid whose best value is at an edge is extended past it
+    tune_at: dict[str, Setting] = field(default_factory=dict)  # the settings tuning runs at
+    verdict_axes: dict[str, list[Setting]] = field(default_factory=dict)
+    verdict_cut: list[dict] = field(default_factory=list)  # [{where: {key: value}, optimizers: [...]}]
+
+    def __post_init__(self):
+        for cut in self.verdict_cut:
+            unknown = sorted(set(cut.get("optimizers", [])) - set(self.optimizers))
+            if set(cut) != {"where", "optimizers"} or not isinstance(cut["where"], dict) or unknown:
+                raise ValueError(f"verdict_cut entry {cut} needs exactly the keys where and optimizers, the latter "
+                                 f"from the plan's optimizers {self.optimizers}")
+        overlap = set(self.tune_seeds) & set(self.verdict_seeds)
+        if overlap:
+            raise ValueError(f"seeds {sorted(overlap)} are both tuning and verdict seeds")
+
+
+def _is(value, kind) -> bool:
+    """Whether a YAML value is of a StudyPlan field's type (an int is a float; a bool is no number)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, types.UnionType):
+        return any(_is(value, k) for k in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is(k, args[0]) and _is(v, args[1]) for k, v in value.items())
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind) -> str:
+    return kind.__name__ if get_origin(kind) is None and isinstance(kind, type) else str(kind)
+
+
 def load_plan(name: str) -> dict:
+    """configs/study/<name>.yaml checked against StudyPlan, as a dict with every key (defaults filled in)."""
     path = ROOT / "configs" / "study" / f"{name}.yaml"
     if not path.exists():
         plans = sorted(p.stem for p in (ROOT / "configs" / "study").glob("*.yaml"))
         raise SystemExit(f"plan={name!r}: no {path.relative_to(ROOT)}; plans: {', '.join(plans)}")
+    where = path.relative_to(ROOT)
     plan = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = [k for k in ("task", "optimizers", "lrs", "dampings", "tune_seeds", "verdict_seeds", "metric")
-               if k not in plan]
+    fields = {f.name: f for f in dataclasses.fields(StudyPlan)}
+    for key in plan:  # a typo'd optional key would otherwise be ignored, its default run instead
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SystemExit(f"{where}: unknown key {key!r}{hint}; a plan's keys are {', '.join(fields)}")
+    missing = [k for k, f in fields.items() if k not in plan and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise SystemExit(f"{path.relative_to(ROOT)} lacks {missing}")
-    for cut in plan.get("verdict_cut", []):
-        unknown = sorted(set(cut.get("optimizers", [])) - set(plan["optimizers"]))
-        if set(cut) != {"where", "optimizers"} or unknown:
-            raise SystemExit(f"{path.relative_to(ROOT)}: verdict_cut entry {cut} needs exactly the keys where and "
-                             f"optimizers, the latter from the plan's optimizers {plan['optimizers']}")
-    overlap = set(plan["tune_seeds"]) & set(plan["verdict_seeds"])
-    if overlap:
-        raise SystemExit(f"{path.relative_to(ROOT)}: seeds {sorted(overlap)} are both tuning and verdict seeds")
-    return plan
+        raise SystemExit(f"{where} lacks {missing}")
+    for key, value in plan.items():
+        if not _is(value, fields[key].type):
+            raise SystemExit(f"{where}: {key}: {value!r} is not of type {_type_name(fields[key].type)}; "
+                             f"write it as the committed plans do (e.g. configs/study/gym_hopper_noise.yaml)")
+    try:
+        return dataclasses.asdict(StudyPlan(**plan))
+    except ValueError as error:
+        raise SystemExit(f"{where}: {error}") from None
 
 
 def _dirname(settings: dict) -> str:
@@ -86,12 +152,11 @@ def _dirname(settings: dict) -> str:
 
 def job(root: Path, stage: str, plan: dict, opt: str, seed: int, settings: dict, where: dict) -> Job:
     # The default damping is what the lr stage ran: the same run, not a second copy of it.
-    settings = {k: v for k, v in settings.items()
-                if not (k == "opt.ap.damping" and v == plan.get("default_damping", 1e-3))}
+    settings = {k: v for k, v in settings.items() if not (k == "opt.ap.damping" and v == plan["default_damping"])}
     run_dir = root / stage / _dirname({**where, "opt": opt, **settings, "seed": seed})
     # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (STUDIES.md §4)
-    overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan.get("overrides", []),
-                 *plan.get(f"{stage}_overrides", []), *(f"{k}={v}" for k, v in {**where, **settings}.items()))
+    overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan["overrides"],
+                 *plan[f"{stage}_overrides"], *(f"{k}={v}" for k, v in {**where, **settings}.items()))
     return Job(run_dir, overrides)
 
 
@@ -101,8 +166,8 @@ def score(jobs: list[Job], summaries: list[dict], metric: str) -> float:
     higher = higher_is_better(metric, summaries[0]["headline_metric"], summaries[0]["higher_is_better"])
     values = []
     for j in jobs:  # the study tables' own best-checkpoint rule (dopr.analysis.sweep.summarize_run)
-        records = [json.loads(line) for line in (j.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        points = pd.DataFrame(records).reindex(columns=["step", "val/loss", metric])
+        records = finished_metrics(j.run_dir / "metrics.jsonl")
+        points = pd.DataFrame(records).reindex(columns=["step", "val/loss", metric]).assign(run=str(j.run_dir))
         values.append(summarize_run(points, [metric], {metric: higher})[f"best/{metric}"])
     values = np.asarray(values, dtype=float)
     if np.isnan(values).all():
@@ -137,7 +202,7 @@ def run_grid(plan, root, stage, opt, key, grid, fixed, seeds, where, jobs, exten
 def verdict_cells(plan: dict) -> list[dict]:
     """The settings the verdict runs at: the product of ``verdict_axes`` ({key: [values]}), or the tuning cell."""
     cells = [{}]
-    for key, values in (plan.get("verdict_axes") or {}).items():
+    for key, values in plan["verdict_axes"].items():
         cells = [{**cell, key: value} for cell in cells for value in values]
     return cells
 
@@ -145,7 +210,7 @@ def verdict_cells(plan: dict) -> list[dict]:
 def verdict_optimizers(plan: dict, cell: dict) -> list[str]:
     """The plan's optimizers that run in a verdict cell: all of them unless a ``verdict_cut`` entry matches it."""
     optimizers = list(plan["optimizers"])
-    for cut in plan.get("verdict_cut", []):
+    for cut in plan["verdict_cut"]:
         if all(cell.get(k) == v for k, v in cut["where"].items()):
             optimizers = [o for o in optimizers if o in cut["optimizers"]]
     return optimizers
@@ -163,7 +228,7 @@ def main(argv: list[str]) -> None:
     root = Path(args.sweep_root or ROOT / "multirun" / args.plan)
     root.mkdir(parents=True, exist_ok=True)
     choice_path = root / "choice.json"
-    extend = int(plan.get("extend", 2))
+    extend = plan["extend"]
 
     def log(job: Job, summary: dict, seconds: float) -> None:
         if seconds:
@@ -171,7 +236,7 @@ def main(argv: list[str]) -> None:
             print(f"[study] {job.run_dir.relative_to(root)}: {seconds:.0f} s, {plan['metric']}={value:.4g}", flush=True)
 
     if stage in ("tune", "all"):
-        where = dict(plan.get("tune_at", {}))
+        where = dict(plan["tune_at"])
         choice = json.loads(choice_path.read_text()) if choice_path.exists() else {}
         for opt in plan["optimizers"]:
             lr, lr_scores = run_grid(plan, root, "tune", opt, "opt.lr", plan["lrs"], {}, plan["tune_seeds"],
@@ -180,7 +245,7 @@ def main(argv: list[str]) -> None:
             print(f"[study] {opt}: lr {lr:g} (scores {', '.join(f'{k:g}: {v:.4g}' for k, v in sorted(lr_scores.items()))})",
                   flush=True)
         for opt in [o for o in plan["optimizers"] if o.startswith("dopr_")]:
-            default = plan.get("default_damping", 1e-3)
+            default = plan["default_damping"]
             damping, d_scores = run_grid(plan, root, "tune", opt, "opt.ap.damping", plan["dampings"],
                                          {"opt.lr": choice[opt]["opt.lr"]}, plan["tune_seeds"], where, jobs, extend, log)
             choice[opt].update({"opt.ap.damping": damping, "damping_scores": d_scores})
@@ -196,7 +261,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"{choice_path} has no choice for {missing}: run stage=tune for them first")
         todo = []
         for cell in verdict_cells(plan):
-            where = {**plan.get("tune_at", {}), **cell}
+            where = {**plan["tune_at"], **cell}
             for opt in verdict_optimizers(plan, cell):
                 settings = {k: v for k, v in choice[opt].items() if k in ("opt.lr", "opt.ap.damping")}
                 todo += [job(root, "verdict", plan, opt, s, settings, where) for s in plan["verdict_seeds"]]

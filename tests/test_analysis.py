@@ -4,6 +4,7 @@ infinite and missing values, paired intervals, verdict words, bootstrap Spearman
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +368,72 @@ def test_arms_spearman_ranks_seed_means_across_optimizers():
     a, b = spearman_of_arm_means(x, y, 100, seed=1), spearman_of_arm_means(x, y, 100, seed=1)
     assert a == b and a.n == 3 and a.rho == pytest.approx(-1.0)
     assert math.isnan(spearman_of_arm_means(x[:2], y[:2]).rho)  # two arms: no rank correlation
+
+
+def test_one_seed_gives_a_difference_that_says_it_has_no_interval():
+    one = paired_difference({4: 1.0, 5: math.nan}, {4: 3.0, 5: 2.0}, "test/error", higher=False)
+    assert (one.diff.n, one.diff.mean, one.verdict) == (1, -2.0, "inconclusive")
+    assert one.diff.format() == "-2 (one seed: no interval)" and one.diff.bounds() == "(one seed: no interval)"
+    none = paired_difference({4: math.nan}, {4: 3.0}, "test/error", higher=False)
+    assert none.diff.format() == "n/a" and none.diff.bounds() == "(no seed: no interval)"
+    assert Interval(-0.0887, -0.2987, 0.1213, 5).bounds() == "[-0.299, +0.121]"
+
+
+def aggregated(sweep_dir: Path, out: Path) -> Path:
+    """The sweep's evals.csv as scripts/aggregate.py writes it."""
+    assert load_script("aggregate").main([f"sweep={sweep_dir}", f"out={out}"]) == 0
+    return out / "evals.csv"
+
+
+@pytest.mark.parametrize("cut", ["after a comma", "inside the last value"])
+def test_an_evals_csv_cut_mid_row_is_refused_naming_file_and_line(sweep_dir, tmp_path, cut):
+    path = aggregated(sweep_dir, tmp_path / "agg")
+    lines = path.read_text().splitlines(keepends=True)
+    row = len(lines) // 2  # 0-based: file line row + 1
+    kept = lines[row].index(",", len(lines[row]) // 2) + 1 if cut == "after a comma" else len(lines[row]) - 2
+    path.write_text("".join(lines[:row]) + lines[row][:kept])
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}, line {row + 1}: .*cut short.*aggregate.py"):
+        read_sweep(path)
+
+
+def test_an_evals_csv_missing_a_runs_last_evaluation_is_refused(sweep_dir, tmp_path):
+    """Without it, the run's final/ values would silently come from step 20 of 30."""
+    path = aggregated(sweep_dir, tmp_path / "agg")
+    frame = pd.read_csv(path)
+    frame.drop(frame.index[(frame["run"] == "opt=adamw,seed=0") & (frame["step"] == 30)]).to_csv(path, index=False)
+    study = load_script("study")
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}: run opt=adamw,seed=0 is marked finished with "
+                                         rf"trainer.steps=30 but its last evaluation is at step 20"):
+        study.main([f"sweep={path}", f"out={tmp_path / 'out'}", "study=toy", "metric=test/cost_ratio",
+                    "tune_seeds=0,1", "verdict_seeds=2-3", "resamples=50"])
+    assert not (tmp_path / "out").exists()  # refused before any file is written
+
+
+def test_a_finished_run_whose_metrics_end_early_is_refused(sweep_dir):
+    path = sweep_dir / "opt=dopr_adamw,seed=1" / "metrics.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # steps 10 and 20 of 30
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}: the run is marked finished with trainer.steps=30 but "
+                                         rf"its last evaluation is at step 20"):
+        read_sweep(sweep_dir)
+
+
+def test_a_broken_summary_json_is_named_with_the_fix(sweep_dir):
+    path = sweep_dir / "opt=adamw,seed=2" / "summary.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}: not valid JSON \(.*line 1 column \d+\).*again"):
+        read_sweep(sweep_dir)
+
+
+def test_a_torn_metrics_line_is_corruption_in_a_finished_run_and_left_out_in_an_unfinished_one(sweep_dir):
+    unfinished = sweep_dir / "opt=adamw,seed=9" / "metrics.jsonl"
+    with open(unfinished, "a") as f:
+        f.write('{"step": 20, "val/lo')  # a crash mid-append: the run is left out as unfinished
+    sweep = read_sweep(sweep_dir)
+    assert sweep.left_out == [{"run": "opt=adamw,seed=9", "why": "status 'running', not finished"}]
+    finished = sweep_dir / "opt=muon,seed=0"
+    write_run(sweep_dir, "muon", 0, evals([3.0, 2.0, 2.5], [1.0, 0.5, 0.7]))
+    with open(finished / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "val/lo')
+    metrics = re.escape(str(finished / "metrics.jsonl"))
+    with pytest.raises(SystemExit, match=rf"{metrics}, line 4: not a JSON record .*cut short"):
+        read_sweep(sweep_dir)

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from dopr.tasks.lds import LDSTask
 from dopr.train import CHECKPOINT, TrainerConfig, load_checkpoint, train
+from crashing_task import Crash, CrashingLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
@@ -65,30 +66,12 @@ def test_wandb_offline_logger(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "offline W&B run directory missing"
 
 
-class _Crash(Exception):
-    pass
-
-
-class CrashingLDS(LDSTask):
-    """Dies mid-run (after a checkpoint), like a killed job."""
-
-    def __init__(self, crash_at, **kw):
-        super().__init__(**kw)
-        self.crash_at, self.calls = crash_at, 0
-
-    def loss(self, model, batch):
-        self.calls += 1
-        if self.calls > self.crash_at:
-            raise _Crash
-        return super().loss(model, batch)
-
-
 @pytest.mark.parametrize("opt", ["dopr_adamw", "dopr_muon"])
 def test_resume_reaches_the_same_final_metrics(tmp_path, opt):
     kw = dict(seed=3, test_rollouts=8, test_horizon=30)
     cfg = TrainerConfig(steps=40, eval_every=10, warmup_steps=5, ema_decay=0.9, grad_clip=1.0, progress=False)
     full = train(LDSTask(**kw), {"name": opt, "lr": 3e-3}, cfg, tmp_path / "full", {})
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         train(CrashingLDS(crash_at=25, **kw), {"name": opt, "lr": 3e-3}, cfg, tmp_path / "killed", {})
     assert load_checkpoint(tmp_path / "killed" / CHECKPOINT)["step"] == 20
     resumed = train(LDSTask(**kw), {"name": opt, "lr": 3e-3}, cfg, tmp_path / "killed", {}, resume=True)

@@ -100,3 +100,42 @@ def test_the_verdict_stage_refuses_optimizers_not_yet_tuned(tmp_path, monkeypatc
     (sweep / "choice.json").write_text('{"adamw": {"opt.lr": 0.01}}\n')
     with pytest.raises(SystemExit, match=r"no choice for \['dopr_adamw', 'muon'\]"):
         run_study.main(["plan=p", "stage=verdict", f"sweep_root={sweep}"])
+
+
+PLAN = ("task: lds\noptimizers: [adamw, dopr_adamw]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0]\n"
+        "verdict_seeds: [10]\nmetric: test/cost_ratio\n")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("verdict_axis: {task.noise: [0, 1]}", r"unknown key 'verdict_axis' \(did you mean 'verdict_axes'\?\)"),
+    ("tune_overides: [task.eval_episodes=20]", r"unknown key 'tune_overides' \(did you mean 'tune_overrides'\?\)"),
+    ("extend: two", r"extend: 'two' is not of type int"),
+    ("verdict_axes: [1, 2]", r"verdict_axes: \[1, 2\] is not of type dict\[str, list\[int \| float \| str \| bool\]\]"),
+    ("overrides: trainer.steps=10", r"overrides: 'trainer.steps=10' is not of type list\[str\]"),
+    ("tune_at: {task.noise: [0, 1]}", r"tune_at: .* is not of type dict\[str, int \| float \| str \| bool\]"),
+])
+def test_a_plan_key_that_is_unknown_or_of_the_wrong_type_is_refused(tmp_path, monkeypatch, line, message):
+    """A typo'd optional key would otherwise be ignored (verdict_axis: 2 verdict runs instead of 4)."""
+    (tmp_path / "configs" / "study").mkdir(parents=True)
+    (tmp_path / "configs" / "study" / "p.yaml").write_text(PLAN + line + "\n")
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=rf"configs/study/p\.yaml: {message}"):
+        run_study.load_plan("p")
+
+
+@pytest.mark.parametrize("lrs", ["1e-3", "[1e-3, fast]"])
+def test_a_required_list_given_wrongly_is_refused(tmp_path, monkeypatch, lrs):
+    (tmp_path / "configs" / "study").mkdir(parents=True)
+    (tmp_path / "configs" / "study" / "p.yaml").write_text(PLAN.replace("lrs: [1e-3]", f"lrs: {lrs}"))
+    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"configs/study/p\.yaml: lrs: .* is not of type list\[float\]"):
+        run_study.load_plan("p")
+
+
+def test_score_names_a_damaged_metrics_file(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 10, "val/loss": 1.0, "test/cost_ratio": 2.0}\n{"step": 20, "val')
+    summary = {"headline_metric": "test/cost_ratio", "higher_is_better": False}
+    with pytest.raises(SystemExit, match=rf"{run_dir / 'metrics.jsonl'}, line 2: not a JSON record"):
+        run_study.score([run_study.Job(run_dir, ())], [summary], "test/cost_ratio")

@@ -79,18 +79,25 @@ class Interval:
 
     def format(self, digits: int = 4) -> str:
         """``mean ± half``: the half-width to 2 significant digits and the mean to one place finer;
-        ``mean (interval unbounded)`` over an infinite value; ``mean`` alone for one value."""
+        ``mean (interval unbounded)`` over an infinite value; ``mean (one seed: no interval)`` for one value."""
         if self.n == 0:
             return "n/a"
         plain = f"{self.mean:+.{digits}g}" if math.isfinite(self.mean) else f"{self.mean}"
         if self.n == 1:
-            return plain
+            return f"{plain} {self.bounds()}"
         if not math.isfinite(self.half_width):
             return f"{plain} (interval unbounded)"
         if self.half_width == 0:
             return f"{plain} ± 0"
         decimals = max(0, 2 - math.floor(math.log10(self.half_width)))
         return f"{self.mean:+.{decimals}f} ± {float(f'{self.half_width:.2g}'):g}"
+
+    def bounds(self, digits: int = 3) -> str:
+        """``[low, high]``; under two values there is no interval, and it says so instead of printing NaN
+        (the values are seeds wherever this project takes an interval)."""
+        if self.n < 2:
+            return f"({'one seed' if self.n == 1 else 'no seed'}: no interval)"
+        return f"[{self.low:+.{digits}g}, {self.high:+.{digits}g}]"
 
 
 def mean_interval(values) -> Interval:
@@ -152,6 +159,8 @@ def paired_difference(dopr: dict, base: dict, metric: str, higher: bool) -> Pair
 
     A seed whose value is NaN on either side is left out (counted in ``diff.left_out``). Ratio metrics
     (``is_log_scale``) are differenced as natural logs. ``higher`` is the metric's better direction.
+    Under two paired seeds there is no interval: ``diff.low``/``diff.high`` are NaN, the verdict is
+    inconclusive and ``diff.format()``/``diff.bounds()`` say "one seed: no interval" (or "no seed").
     """
     if higher is None:
         raise ValueError(f"metric {metric!r} has no known better direction; pick one whose name says it "

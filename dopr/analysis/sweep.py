@@ -10,10 +10,16 @@ Two sources give the same frames:
 ``evals``: one row per (run, evaluation point), meta columns first. ``runs_table``: one row per run
 with ``final/<m>`` (last evaluation), ``best/<m>`` (the evaluation that is best by ``m`` itself) and,
 for test metrics, ``valpick/<m>`` (``m`` at the evaluation with the lowest val/loss).
+
+A damaged source is an error naming its file (and line), never fewer runs or a wrong step: a summary.json
+or metrics.jsonl line that is not JSON, an evals.csv row cut short, a finished run whose evaluations end
+before its trainer.steps (the trainer always evaluates at the last step, so its final/ values would
+come from an earlier one). Runs that did not finish are left out and listed, their records unread.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from dopr.analysis.stats import higher_is_better
+from dopr.records import RecordsError, read_metrics, read_summary
 
 # APConfig's settings moved from flat keys of ``opt`` to ``opt.ap.<field>``; older runs (and the
 # committed CSVs) have the flat names. New name -> old flat name, in one place.
@@ -90,11 +97,73 @@ def _metric_columns(columns) -> list[str]:
     return [c for c in columns if c.startswith(("train/", "val/", "test/"))]
 
 
+def _rerun(path: Path) -> str:
+    """The fix for a run's damaged record file."""
+    return f"restore it, or delete {path.parent} and run that run again"
+
+
+def _rewrite(path: Path) -> str:
+    """The fix for a damaged evals.csv."""
+    return (f"write it again from the sweep dirs (scripts/aggregate.py, or scripts/study.py for a study) or restore "
+            f"the committed file (git checkout -- {path})")
+
+
+def _exit_on_damage(read, path: Path):
+    """A dopr.records reader, its error (naming the file, the line and the fix) ending the script cleanly."""
+    try:
+        return read(path)
+    except RecordsError as error:
+        raise SystemExit(str(error)) from None
+
+
+def finished_metrics(path: Path) -> list[dict]:
+    """A finished run's metrics.jsonl: a line that is not a record is damage (only a crash tears the last
+    line, and a crashed run is not finished), an error naming it."""
+    return _exit_on_damage(read_metrics, path)
+
+
+def last_evaluations(evals: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last evaluation (its row at the largest step): what final/ values are read from."""
+    return evals.sort_values("step").groupby("run").tail(1)
+
+
+def _ended_early(evals: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluations of runs that end before their recorded trainer.steps (runs without a
+    recorded steps pass): the trainer evaluates at its last step, so these records lost their end."""
+    last = last_evaluations(evals)
+    steps = pd.to_numeric(last["steps"], errors="coerce") if "steps" in last else pd.Series(math.nan, last.index)
+    return last[steps.notna() & (last["step"] != steps)]
+
+
+def _check_csv_rows(path: Path) -> None:
+    """pandas reads a row cut short as NaNs (and a value cut mid-number as a smaller number): every row
+    must have the header's fields, and the file must end with its last row's newline."""
+    fix = _rewrite(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise SystemExit(f"{path} is empty; {fix}")
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise SystemExit(f"{path}, line {reader.line_num}: {len(row)} fields where the header has "
+                                     f"{len(header)}: the row is cut short or damaged; {fix}")
+        except csv.Error as error:
+            raise SystemExit(f"{path}, line {reader.line_num}: {error}: the file is cut short or damaged; "
+                             f"{fix}") from None
+        lines = reader.line_num
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+            raise SystemExit(f"{path}, line {lines}: the last row has no newline: the file is cut short; {fix}")
+
+
 def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
     """Every run under ``sweep_dir``; unfinished runs and runs without evaluations are left out (and
     listed with the reason). ``keys``: further config keys to carry as columns (e.g. opt.ap.max_rows)."""
     sweep_dir = Path(sweep_dir)
-    rows, headlines, left_out = [], [], []
+    rows, headlines, left_out, run_dirs = [], [], [], {}
     paths = sorted(sweep_dir.rglob("summary.json"))
     if not paths:
         raise SystemExit(f"sweep={sweep_dir}: no summary.json under it; point sweep= at a run.py -m sweep dir "
@@ -102,13 +171,13 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
     for summary_path in paths:
         run_dir = summary_path.parent
         run = str(run_dir.relative_to(sweep_dir)) if run_dir != sweep_dir else run_dir.name
-        summary = json.loads(summary_path.read_text())
-        metrics_path = run_dir / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-            if metrics_path.exists() else []
+        run_dirs[run] = run_dir
+        summary = _exit_on_damage(read_summary, summary_path)
         if summary.get("status") != "finished":
             left_out.append({"run": run, "why": f"status {summary.get('status')!r}, not finished"})
             continue
+        metrics_path = run_dir / "metrics.jsonl"
+        records = finished_metrics(metrics_path) if metrics_path.exists() else []
         if not records:
             left_out.append({"run": run, "why": "no evaluation records in metrics.jsonl"})
             continue
@@ -137,7 +206,15 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
     if not rows:
         raise SystemExit(f"sweep={sweep_dir}: no finished run with evaluations ({len(left_out)} left out: "
                          f"{left_out[:3]})")
-    return Sweep(str(sweep_dir), _typed(pd.DataFrame(rows)), headlines, left_out)
+    evals = _typed(pd.DataFrame(rows))
+    short = _ended_early(evals)
+    if len(short):
+        first = short.iloc[0]
+        path = run_dirs[first["run"]] / "metrics.jsonl"
+        raise SystemExit(f"{path}: the run is marked finished with trainer.steps={float(first['steps']):g} but "
+                         f"its last evaluation is at step {first['step']} ({len(short)} such run(s): "
+                         f"{', '.join(short['run'])}); its final values would come from the wrong step; {_rerun(path)}")
+    return Sweep(str(sweep_dir), evals, headlines, left_out)
 
 
 def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
@@ -145,6 +222,7 @@ def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
     renamed to ``opt.ap.<field>``; ``fixed`` fills columns the CSV lacks but the sweep command pinned
     (e.g. ``{"opt.lr": 3e-3}``). Older per-run tables (``opt``, ``lr`` columns, one row per run, written
     by the removed results/gym/summarize_fig7.py) are read too."""
+    _check_csv_rows(path)
     frame = pd.read_csv(path)
     if "opt.name" not in frame and "opt" in frame:  # summarize_fig7's final table: its "lr" is opt.lr
         frame = frame.rename(columns={"opt": "opt.name", "lr": "opt.lr"})
@@ -178,6 +256,14 @@ def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
     extra = [c for c in frame.columns if c not in META and c not in ("step", "wall_time") and c not in PROVENANCE
              and not c.startswith(("train/", "val/", "test/"))]
     ordered = META + extra + PROVENANCE + ["step", "wall_time"] + _metric_columns(frame.columns)
+    short = _ended_early(frame)
+    if len(short):
+        first = short.iloc[0]
+        raise SystemExit(f"{path}: run {first['run']} is marked finished with "
+                         f"trainer.steps={float(first['steps']):g} but its last evaluation is at step {first['step']} "
+                         f"({len(short)} such run(s): "
+                         f"{', '.join(map(str, short['run']))}): rows are missing, and its final values would come "
+                         f"from the wrong step; {_rewrite(path)}")
     return Sweep(str(path), _typed(frame[[c for c in ordered if c in frame]]), [], left_out)
 
 
@@ -230,8 +316,8 @@ def summarize_run(points: pd.DataFrame, metrics: list[str], better: dict) -> dic
 
     An evaluation whose value of ``m`` is NaN cannot be best by ``m``; infinite values take part
     (inf is the worst cost). A metric without a known direction gets no best/ value."""
-    points = points.sort_values("step")
-    last = points.iloc[-1]
+    points = points.sort_values("step")  # a val/loss tie picks the earlier evaluation
+    last = last_evaluations(points).iloc[-1]
     out = {}
     val = points["val/loss"] if "val/loss" in points else None
     valpick = points.loc[val.idxmin()] if val is not None and val.notna().any() else None

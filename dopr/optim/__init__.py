@@ -9,7 +9,7 @@ or wrap your own optimizer:
     opt = DoPr(torch.optim.SGD(model.parameters(), lr=0.1), ActivationPreconditioner(model))
 """
 
-from dopr.optim.build import KNOWN_OPTIMIZERS, build_optimizer
+from dopr.optim.build import KNOWN_OPTIMIZERS, build_optimizer, check_optimizer_args
 from dopr.optim.dopr import DoPr
 from dopr.optim.gp import AdaMuon, Muon, newton_schulz5, route_params
 from dopr.optim.preconditioner import ActivationPreconditioner, APConfig, damped_inverse
@@ -22,6 +22,7 @@ __all__ = [
     "KNOWN_OPTIMIZERS",
     "Muon",
     "build_optimizer",
+    "check_optimizer_args",
     "damped_inverse",
     "newton_schulz5",
     "route_params",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from dopr.optim.dopr import DoPr
 from dopr.optim.gp import AdaMuon, Muon, route_params
-from dopr.optim.preconditioner import ActivationPreconditioner, APConfig
+from dopr.optim.preconditioner import ActivationPreconditioner, APConfig, check_ap_setting, is_integer, is_number
 
 GP_NAMES = ("adamw", "muon", "signum", "adamuon")
 ALIASES = {"adam": "adamw", "dopr_adam": "dopr_adamw"}
@@ -27,8 +28,6 @@ def _adamw(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 def _signum(params, lr, weight_decay, momentum=0.9):
     from pytorch_optimizer import SignSGD
 
-    if not 0 < momentum < 1:
-        raise ValueError(f"signum: momentum must be in (0, 1) (0 would be plain SignSGD), got {momentum}")
     return SignSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, weight_decouple=True)
 
 
@@ -50,27 +49,74 @@ def _keys_of(factory) -> set[str]:
     return set(list(inspect.signature(factory).parameters)[1:])
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay: float = 0.0,
-                    ap: dict | APConfig | None = None, **hparams) -> DoPr:
-    """Build ``name`` (see ``KNOWN_OPTIMIZERS``) for ``model``.
+def _betas(value) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+            and all(is_number(b) and 0 <= b < 1 for b in value))
 
-    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer, configured
-    by ``ap``: an :class:`APConfig` or a dict of its fields (damping, ema, stat_interval,
-    inverse_interval, max_rows, bias, warmup_steps, exclude, solver), the same names as
-    ``opt.ap.<field>`` on the command line. Matrix GPs (muon, adamuon) send the parameters that
-    ``route_params`` does not call matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas
-    default to lr, weight_decay, (0.9, 0.999)). Raises ValueError on an unknown name, unknown key
-    or bad value.
-    """
-    key = ALIASES.get(name, name)
-    use_ap = key.startswith("dopr_")
-    gp = key.removeprefix("dopr_")
+
+def _tuple_of_floats(value) -> tuple:
+    return tuple(float(b) for b in value)
+
+
+def _same(value):
+    return value
+
+
+# hyperparameter -> (is the value valid, its normalized form, the expected form for the error message)
+_LR = (lambda v: is_number(v) and v > 0, float, "a number > 0, e.g. 1e-3")
+_WEIGHT_DECAY = (lambda v: is_number(v) and v >= 0, float, "a number >= 0, e.g. 0.01")
+_BETAS = (_betas, _tuple_of_floats, "a list of two numbers in [0, 1), e.g. [0.9, 0.999]")
+_FLAG = (lambda v: isinstance(v, bool), _same, "true or false")
+_HPARAMS = {
+    "lr": _LR,
+    "weight_decay": _WEIGHT_DECAY,
+    "betas": _BETAS,
+    "eps": (lambda v: is_number(v) and v >= 0, float, "a number >= 0, e.g. 1e-8"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, float, "a number in [0, 1), e.g. 0.95"),
+    "nesterov": _FLAG,
+    "ns_steps": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 5"),
+    "ns_dtype": (lambda v: v in ("auto", "bfloat16", "float32", "float64"), _same,
+                 "one of auto, bfloat16, float32, float64"),
+    "adamw_lr": _LR,
+    "adamw_weight_decay": _WEIGHT_DECAY,
+    "adamw_betas": _BETAS,
+    "io_to_adamw": _FLAG,
+}
+# Where one GP reads a name differently.
+_GP_HPARAMS = {
+    ("signum", "momentum"): (lambda v: is_number(v) and 0 < v < 1, float,
+                             "a number in (0, 1), e.g. 0.9 (0 would be plain SignSGD)"),
+}
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A validated optimizer request: what ``build_optimizer`` builds."""
+
+    gp: str
+    lr: float
+    weight_decay: float
+    ap: APConfig | None  # None: AP off
+    hparams: dict  # the GP factory's own keyword arguments
+    side: dict  # the AdamW side of a matrix GP
+
+
+def _checked(name: str, gp: str, key: str, value):
+    valid, normalize, form = _GP_HPARAMS.get((gp, key), _HPARAMS[key])
+    if not valid(value):  # each check tests the type before comparing, so a str never reaches `>`
+        raise ValueError(f"{name}: opt.{key} must be {form}; got {value!r}")
+    return normalize(value)
+
+
+def _plan(name, lr, weight_decay, ap, hparams: dict) -> _Plan:
+    """Every check that needs no model, in the order a user would fix them; raises ValueError."""
+    key = ALIASES.get(name, name) if isinstance(name, str) else None
+    use_ap = isinstance(key, str) and key.startswith("dopr_")
+    gp = key.removeprefix("dopr_") if isinstance(key, str) else None
     if gp not in _FACTORIES:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"{name}: lr must be a number > 0, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"{name}: weight_decay must be a number >= 0, got {weight_decay!r}")
+    lr = _checked(name, gp, "lr", lr)
+    weight_decay = _checked(name, gp, "weight_decay", weight_decay)
 
     misplaced = sorted(set(hparams) & set(AP_KEYS))
     if misplaced:
@@ -80,11 +126,22 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
         raise ValueError(f"{name}: ap settings only apply with activation preconditioning (use dopr_{gp})")
     if isinstance(ap, APConfig):
         ap_config = ap
-    else:
-        unknown_ap = sorted(set(ap or {}) - set(AP_KEYS))
+    elif ap is None or isinstance(ap, Mapping):
+        unknown_ap = sorted(map(str, set(ap or {}) - set(AP_KEYS)))
         if unknown_ap:
             raise ValueError(f"{name}: unknown ap settings {unknown_ap}; known: {list(AP_KEYS)}")
-        ap_config = APConfig(**(ap or {})) if use_ap else None
+        settings = {}
+        for k, v in (ap or {}).items():
+            try:
+                settings[k] = check_ap_setting(k, v)
+            except ValueError as error:
+                raise ValueError(f"{name}: opt.ap.{error}") from None
+        ap_config = APConfig(**settings) if use_ap else None
+    else:
+        raise ValueError(f"{name}: opt.ap must be a dict of activation-preconditioning settings "
+                         f"({', '.join(AP_KEYS)}) or an APConfig; got {ap!r}")
+
+    hparams = dict(hparams)
     side = {k: hparams.pop(k) for k in list(hparams) if k in _SIDE_KEYS}
     if side and gp not in _MATRIX_GPS:
         raise ValueError(f"{name}: {sorted(side)} only apply to the matrix GPs {sorted(_MATRIX_GPS)}")
@@ -93,8 +150,38 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
     if unknown:
         known = sorted(allowed | {"lr", "weight_decay"} | ({"ap"} if use_ap else set())
                        | (set(_SIDE_KEYS) if gp in _MATRIX_GPS else set()))
-        raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {known}")
+        raise ValueError(f"{name}: unknown hyperparameters {sorted(map(str, unknown))}; known: {known}")
+    hparams = {k: _checked(name, gp, k, v) for k, v in hparams.items()}
+    side = {k: _checked(name, gp, k, v) for k, v in side.items()}
+    return _Plan(gp, lr, weight_decay, ap_config, hparams, side)
 
+
+def check_optimizer_args(name: str, lr: float = 1e-3, weight_decay: float = 0.0,
+                         ap: dict | APConfig | None = None, **hparams) -> None:
+    """Raise ValueError for every problem with ``build_optimizer``'s arguments that shows without
+    the model: an unknown name, a bad lr / weight_decay, unknown or misplaced keys, a bad ap setting
+    (damping=-1, exclude=3), a hyperparameter of the wrong type or length (betas=[0.9], eps="abc").
+    Accepts exactly what ``build_optimizer`` accepts after the model (e.g. Hydra's ``opt`` dict), so
+    a launcher can call it before any data is built. Messages name the key as ``opt.<key>``.
+    """
+    _plan(name, lr, weight_decay, ap, hparams)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay: float = 0.0,
+                    ap: dict | APConfig | None = None, **hparams) -> DoPr:
+    """Build ``name`` (see ``KNOWN_OPTIMIZERS``) for ``model``.
+
+    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer, configured
+    by ``ap``: an :class:`APConfig` or a dict of its fields (damping, ema, stat_interval,
+    inverse_interval, max_rows, bias, warmup_steps, exclude, solver), the same names as
+    ``opt.ap.<field>`` on the command line. Matrix GPs (muon, adamuon) send the parameters that
+    ``route_params`` does not call matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas
+    default to lr, weight_decay, (0.9, 0.999)). Raises ValueError on anything
+    :func:`check_optimizer_args` refuses, on a model with no trainable parameter, and, for
+    ``dopr_*``, on an exclude pattern that matches no layer or a model with no layer for AP.
+    """
+    plan = _plan(name, lr, weight_decay, ap, hparams)
+    gp, lr, weight_decay, side, hparams = plan.gp, plan.lr, plan.weight_decay, plan.side, plan.hparams
     if gp in _MATRIX_GPS:
         matrix, other = route_params(model, io_to_adamw=side.get("io_to_adamw", True))
         optimizers = []
@@ -110,7 +197,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
         raise ValueError(f"{name}: the model has no trainable parameters")
 
     preconditioner = None
-    if use_ap:
+    if plan.ap is not None:
         params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-        preconditioner = ActivationPreconditioner(model, ap_config, params=params)
+        try:
+            preconditioner = ActivationPreconditioner(model, plan.ap, params=params)
+        except ValueError as error:  # no layer for AP, or an exclude pattern that matches none
+            raise ValueError(f"{name}: {error}") from None
     return DoPr(optimizers, preconditioner)

@@ -14,9 +14,9 @@ the layer has inputs, the same G P can be cheaper in batch space (Woodbury, mu =
 That formula subtracts nearly equal terms, so in fp32 its error grows like kappa(S + mu I)^2; it is
 evaluated in float64 and rounded once (scripts/ap_accuracy.py measures every candidate form).
 ``APConfig.solver`` picks per layer and step by cost ("auto": flops, float64 weighted by the
-device's float64 rate), or forces "primal". Every path returns G P within kappa * eps_fp32 of
-float64 dense math, and AP's own products run at full fp32 precision even when the user enabled
-TF32 or autocast.
+device's float64 rate), or forces "primal". Every path returns G P within an error bound derived
+from what it computes (tests/optim/test_precision.py states and checks it against float64 dense
+math), and AP's own products run at full fp32 precision even when the user enabled TF32 or autocast.
 
 Statistics belong to one optimizer step. A forward hook (training mode, grad enabled) marks the
 layer input; the rows are committed to the step when that forward's backward reaches the layer
@@ -24,7 +24,8 @@ layer input; the rows are committed to the step when that forward's backward rea
 skipped non-finite loss, a rollout in train mode) adds nothing. ``discard_statistics()`` (which
 ``DoPr.zero_grad()`` calls) drops committed rows of a step that was abandoned. Micro-batches of
 one step are summed (gradient accumulation), and under torch.distributed the sums are all-reduced
-in one bucket before use.
+in one bucket before use. Each backward's gradient is rewritten once: a second ``step()`` with no
+backward in between leaves it alone and does not advance the schedule.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import numbers
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterable
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -87,6 +90,57 @@ def full_fp32_precision():
                 backend.fp32_precision = value
 
 
+def is_number(value) -> bool:
+    """A finite real number (not a bool, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value) -> bool:
+    """A finite real number with an integral value (2 or 2.0)."""
+    return is_number(value) and float(value).is_integer()
+
+
+def _exclude_patterns(value) -> tuple[str, ...] | None:
+    """A single string is one pattern (``opt.ap.exclude=net.*`` on the command line); else a list of them."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        patterns = tuple(value)
+        return patterns if all(isinstance(p, str) for p in patterns) else None
+    return None
+
+
+def _same(value):
+    return value
+
+
+# field -> (is the value valid, its normalized form, the expected form for the error message)
+_AP_SETTINGS = {
+    "damping": (lambda v: is_number(v) and v >= 0, float, "a finite number >= 0, e.g. 1e-3"),
+    "ema": (lambda v: is_number(v) and 0 <= v < 1, float, "a number in [0, 1), e.g. 0.0 or 0.95"),
+    "stat_interval": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 1"),
+    "inverse_interval": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 1"),
+    "max_rows": (lambda v: v is None or (is_integer(v) and v >= 1), lambda v: v if v is None else int(v),
+                 "null (every row) or an integer >= 1, e.g. 4096"),
+    "bias": (lambda v: isinstance(v, str) and v in BIAS_MODES, _same, f"one of {', '.join(BIAS_MODES)}"),
+    "warmup_steps": (lambda v: is_integer(v) and v >= 0, int, "an integer >= 0, e.g. 0"),
+    "exclude": (lambda v: _exclude_patterns(v) is not None, _exclude_patterns,
+                "a module-name pattern (fnmatch) or a list of them, e.g. head or [head, 'encoder.*']"),
+    "solver": (lambda v: isinstance(v, str) and v in SOLVERS, _same, f"one of {', '.join(SOLVERS)}"),
+}
+
+
+def check_ap_setting(key: str, value):
+    """``value`` of APConfig field ``key``, validated and normalized (ints for counts, a tuple of
+    patterns for ``exclude``). Raises ValueError naming the field and the expected form."""
+    valid, normalize, form = _AP_SETTINGS[key]
+    if not valid(value):
+        raise ValueError(f"{key} must be {form}; got {value!r}")
+    return normalize(value)
+
+
 @dataclass
 class APConfig:
     """Hyperparameters of activation preconditioning. Paper defaults: per-batch S, every step."""
@@ -98,7 +152,7 @@ class APConfig:
     max_rows: int | None = None  # sub-sample z to about this many rows (strided, no RNG)
     bias: str = "augment"  # "augment": precondition [W b] with z augmented by 1; "gp": biases untouched
     warmup_steps: int = 0  # plain gradients for the first k steps
-    exclude: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names to skip
+    exclude: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names to skip (a str is one)
     solver: str = "auto"  # "auto": batch-space (Woodbury) G P when it is cheaper; "primal": always d x d
 
     def batch_space_allowed(self) -> bool:
@@ -107,20 +161,11 @@ class APConfig:
                 and self.inverse_interval == 1 and self.damping > 0)
 
     def __post_init__(self):
-        self.exclude = tuple(self.exclude or ())
-        checks = [
-            (self.damping >= 0 and math.isfinite(self.damping), "damping must be a finite number >= 0"),
-            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
-            (int(self.stat_interval) == self.stat_interval >= 1, "stat_interval must be an integer >= 1"),
-            (int(self.inverse_interval) == self.inverse_interval >= 1, "inverse_interval must be an integer >= 1"),
-            (self.max_rows is None or int(self.max_rows) >= 1, "max_rows must be None or an integer >= 1"),
-            (self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}"),
-            (int(self.warmup_steps) == self.warmup_steps >= 0, "warmup_steps must be an integer >= 0"),
-            (self.solver in SOLVERS, f"solver must be one of {SOLVERS}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"APConfig: {message} (got {self})")
+        for f in fields(self):
+            try:
+                setattr(self, f.name, check_ap_setting(f.name, getattr(self, f.name)))
+            except ValueError as error:
+                raise ValueError(f"APConfig: {error}") from None
 
 
 @dataclass
@@ -150,6 +195,9 @@ class _LayerStats:
         self.awaiting: list[_ForwardRecord] = []  # this step's forwards whose backward has not run yet
         self.S: torch.Tensor | None = None
         self.P: torch.Tensor | None = None
+        # The weight gradient AP last saw (a weak reference) and its version counter then: a second
+        # step() with no backward in between finds both unchanged and leaves the gradient alone.
+        self.seen_grad: tuple[weakref.ref, int] | None = None
 
     # -- recording -------------------------------------------------------------------------------
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +241,15 @@ class _LayerStats:
             self._accumulate(z)
 
     def _accumulate(self, z: torch.Tensor) -> None:
-        if self.xtx is None:
+        if self.xtx is None or (self.rows == 0 and (self.xtx.dtype, self.xtx.device) != (z.dtype, z.device)):
+            # First rows, or the model changed dtype or device since the last step: the sums follow it.
             self.xtx = torch.zeros(self.in_dim, self.in_dim, device=z.device, dtype=z.dtype)
-            if self.bias is not None:
-                self.xsum = torch.zeros(self.in_dim, device=z.device, dtype=z.dtype)
+            self.xsum = None if self.bias is None else torch.zeros(self.in_dim, device=z.device, dtype=z.dtype)
+        elif self.xtx.dtype != z.dtype:  # changed between micro-batches of one step: keep the wider
+            dtype = torch.promote_types(self.xtx.dtype, z.dtype)
+            self.xtx = self.xtx.to(dtype)
+            self.xsum = None if self.xsum is None else self.xsum.to(dtype)
+            z = z.to(dtype)
         self.xtx.addmm_(z.T, z)
         if self.xsum is not None:
             self.xsum.add_(z.sum(0))
@@ -233,9 +286,25 @@ class _LayerStats:
         return torch.cat([G, b.reshape(-1, 1)], dim=1)
 
     def set_grad_matrix(self, M: torch.Tensor) -> None:
+        """Write M back into the gradients, in the gradients' own dtype."""
         self.weight.grad.copy_(M[:, : self.in_dim].reshape(self.weight.shape))
         if self.bias is not None and self.bias.grad is not None:
             self.bias.grad.copy_(M[:, -1])
+
+    def has_new_grad(self) -> bool:
+        """Whether a backward wrote the weight gradient since AP last saw it.
+
+        Backward either creates the gradient tensor (after ``zero_grad(set_to_none=True)``) or adds
+        into it in place, which bumps its version counter; so does ``zero_grad(set_to_none=False)``.
+        """
+        grad = self.weight.grad
+        if grad is None:
+            return False
+        return self.seen_grad is None or self.seen_grad[0]() is not grad or self.seen_grad[1] != grad._version
+
+    def remember_grad(self) -> None:
+        grad = self.weight.grad
+        self.seen_grad = None if grad is None else (weakref.ref(grad), grad._version)
 
     # -- batch-space (Woodbury) path -------------------------------------------------------------
     def batch_space_cheaper(self) -> bool:
@@ -312,29 +381,68 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+def _names(names: list[str], limit: int = 30) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def select_layers(model: nn.Module, config: APConfig, params: Iterable[torch.Tensor] | None = None
+                  ) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs AP preconditions: Linear / Conv1d / Conv2d layers whose weight is
+    trainable and in ``params`` (when given), minus ``config.exclude`` and grouped convolutions.
+
+    Raises ValueError when an exclude pattern matches none of those layers (a typo would otherwise
+    leave AP on where the user meant it off), or when no layer is left: AP with no layer is the
+    plain gradient preconditioner under DoPr's name.
+    """
+    wanted = None if params is None else {id(p) for p in params}
+    eligible = [(name, module) for name, module in model.named_modules()
+                if isinstance(module, SUPPORTED_LAYERS) and module.weight.requires_grad
+                and (wanted is None or id(module.weight) in wanted)]
+    names = [name for name, _ in eligible]
+    for pattern in config.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"AP: exclude pattern {pattern!r} matches none of the layers AP preconditions; "
+                             f"it can match (fnmatch over module names): {_names(names) or 'none'}")
+    selected = []
+    for name, module in eligible:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.exclude):
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+            warnings.warn(f"AP skips grouped convolution {name!r} (groups={module.groups}); it gets the plain GP")
+            continue
+        selected.append((name, module))
+    if not selected:
+        if eligible:
+            why = (f"exclude patterns {list(config.exclude)} and grouped convolutions leave none of "
+                   f"{_names(names)}; remove the exclude patterns, or")
+        else:
+            why = ("the model has no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable weight among "
+                   "the optimizer's parameters (AP does not handle Conv3d, transposed convolutions or "
+                   "embeddings);")
+        raise ValueError(f"AP has no layer to precondition: {why} use the gradient preconditioner alone "
+                         "(adamw rather than dopr_adamw, opt=adamw on the command line; or DoPr(optimizer, None))")
+    return selected
+
+
 class ActivationPreconditioner:
     """Hooks a model's Linear / Conv1d / Conv2d layers and rewrites their gradients to G P.
 
     Use standalone between ``loss.backward()`` and ``optimizer.step()`` (call ``step()``), or let
     :class:`dopr.optim.DoPr` call it. Only layers whose weight is in ``params`` (when given) and
-    requires grad are preconditioned; ``config.exclude`` removes layers by name.
+    requires grad are preconditioned; ``config.exclude`` removes layers by name (see
+    :func:`select_layers`, which refuses a pattern that matches nothing and a model with no layer).
+
+    Each backward's gradient is preconditioned once: a ``step()`` with no backward since the last
+    one leaves the (already preconditioned) gradients alone and does not count as a step for the
+    statistics / inverse schedule or the warmup.
     """
 
     def __init__(self, model: nn.Module, config: APConfig | None = None, params: Iterable[torch.Tensor] | None = None):
         self.config = config or APConfig()
-        wanted = None if params is None else {id(p) for p in params}
         self.layers: list[_LayerStats] = []
         self._handles = []
-        for name, module in model.named_modules():
-            if not isinstance(module, SUPPORTED_LAYERS) or not module.weight.requires_grad:
-                continue
-            if wanted is not None and id(module.weight) not in wanted:
-                continue
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.exclude):
-                continue
-            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-                warnings.warn(f"AP skips grouped convolution {name!r} (groups={module.groups}); it gets the plain GP")
-                continue
+        for name, module in select_layers(model, self.config, params):
             layer = _LayerStats(name, module, self.config.bias == "augment", len(self.layers))
             self.layers.append(layer)
             self._handles.append(module.register_forward_hook(self._make_hook(layer)))
@@ -397,17 +505,33 @@ class ActivationPreconditioner:
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """Turn this step's statistics into inverses (when due) and rewrite the gradients."""
-        with full_fp32_precision():
-            self._step()
+        """Turn this step's statistics into inverses (when due) and rewrite the gradients.
+
+        Only gradients a backward wrote since the last call are rewritten (each backward's once).
+        A call that finds none (``step(); step()`` after one backward) changes no gradient and does
+        not count as a step for ``stat_interval``, ``inverse_interval`` or ``warmup_steps``.
+        """
+        new = {id(layer) for layer in self.layers if layer.has_new_grad()}
+        if new:
+            with full_fp32_precision():
+                self._step(new)
+            self.steps += 1
+        self.remember_gradients()
         for layer in self.layers:
             # Forwards whose backward never ran (a skipped loss) end with their step.
             for record in layer.awaiting:
                 record.x = None
             layer.awaiting = []
-        self.steps += 1
 
-    def _step(self) -> None:
+    def remember_gradients(self) -> None:
+        """Mark the current gradients as seen, so the next ``step()`` leaves them alone unless a
+        backward writes them. ``DoPr.step()`` calls it again after its inner optimizers stepped, in
+        case one of them changed a gradient in place."""
+        for layer in self.layers:
+            layer.remember_grad()
+
+    def _step(self, new: set[int]) -> None:
+        """One counted step; ``new`` holds the ids of the layers whose gradient is new."""
         cfg = self.config
         batch_space = []
         if self._recording():
@@ -418,7 +542,7 @@ class ActivationPreconditioner:
             for layer in self.layers:
                 if layer.kept:
                     if (single_process and self.steps >= cfg.warmup_steps and layer.batch_space_cheaper()
-                            and layer.weight.grad is not None):
+                            and id(layer) in new):
                         batch_space.append(layer)
                     else:
                         layer.reduce_kept()
@@ -431,7 +555,8 @@ class ActivationPreconditioner:
                     self._warn_non_finite(layer)
                     continue  # never enters S or its EMA; the layer keeps its last inverse
                 if cfg.ema > 0 and layer.S is not None:
-                    layer.S.mul_(cfg.ema).add_(S_batch, alpha=1 - cfg.ema)
+                    # .to: after a model.double() / .bfloat16() the average continues in the new precision
+                    layer.S = layer.S.to(S_batch).mul_(cfg.ema).add_(S_batch, alpha=1 - cfg.ema)
                 else:
                     layer.S = S_batch
         self._refresh_inverses()
@@ -441,10 +566,12 @@ class ActivationPreconditioner:
             layer.reset()
         if self.steps >= cfg.warmup_steps:
             for layer in self.layers:
-                G = layer.grad_matrix()
-                if G is None or layer.P is None or layer in batch_space:
+                if id(layer) not in new or layer.P is None or layer in batch_space:
                     continue
-                layer.set_grad_matrix(G.to(layer.P.dtype) @ layer.P)
+                G = layer.grad_matrix()
+                # At least P's precision (fp32 or more); P may predate a change of the model's dtype.
+                dtype = torch.promote_types(G.dtype, layer.P.dtype)
+                layer.set_grad_matrix(G.to(dtype) @ layer.P.to(device=G.device, dtype=dtype))
 
     def _warn_non_finite(self, layer: _LayerStats) -> None:
         if not self._warned_non_finite:
@@ -503,7 +630,7 @@ class ActivationPreconditioner:
         owned = [layer for layer in due if layer.index % world == rank]
         by_shape: dict[tuple, list[_LayerStats]] = {}
         for layer in owned:
-            by_shape.setdefault((layer.dim, layer.S.device), []).append(layer)
+            by_shape.setdefault((layer.dim, layer.S.device, layer.S.dtype), []).append(layer)
         for group in by_shape.values():  # one batched Cholesky per shape
             P = damped_inverse(torch.stack([layer.S for layer in group]), self.config.damping)
             for layer, inverse in zip(group, P):
@@ -585,14 +712,37 @@ class ActivationPreconditioner:
             "layers": {layer.name: {"S": layer.S, "P": layer.P} for layer in self.layers},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+    def check_state_dict(self, state) -> None:
+        """Raise ValueError, naming the layer, unless ``state`` fits this model's AP layers."""
+        if not (isinstance(state, Mapping) and "steps" in state and isinstance(state.get("layers"), Mapping)):
+            raise ValueError("AP state must be a dict with 'steps' and 'layers', as "
+                             f"ActivationPreconditioner.state_dict() returns; got {type(state).__name__} with keys {_keys(state)}")
         saved = state["layers"]
         missing = [layer.name for layer in self.layers if layer.name not in saved]
         if missing:
             raise ValueError(f"AP state has no entry for layers {missing}; was it saved from another model?")
         for layer in self.layers:
             entry = saved[layer.name]
+            for key in ("S", "P"):
+                value = entry.get(key, "missing") if isinstance(entry, Mapping) else "missing"
+                if value is not None and not (torch.is_tensor(value) and value.shape == (layer.dim, layer.dim)):
+                    shape = f"has shape {tuple(value.shape)}" if torch.is_tensor(value) else f"is {value!r}"
+                    raise ValueError(
+                        f"AP state for layer {layer.name!r}: {key} {shape}, but the layer has {layer.dim} "
+                        f"inputs ({layer.in_dim}{' + bias' if layer.bias is not None else ''}), so {key} must be "
+                        f"{layer.dim} x {layer.dim}; the state was saved from a model of another shape (or another "
+                        "ap.bias setting)")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load ``state_dict()``'s output; checked whole before anything changes."""
+        self.check_state_dict(state)
+        self.steps = int(state["steps"])
+        for layer in self.layers:
+            entry = state["layers"][layer.name]
             device = layer.weight.device
             layer.S = None if entry["S"] is None else entry["S"].to(device)
             layer.P = None if entry["P"] is None else entry["P"].to(device)
+
+
+def _keys(value) -> list:
+    return sorted(map(str, value)) if isinstance(value, Mapping) else []
