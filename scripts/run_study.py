@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a study's sweeps in the order ../shared/STUDIES.md asks for, resumably, two runs at a time.
+"""Run a study's sweeps in the order docs/STUDIES.md asks for, resumably, two runs at a time.
 
     python scripts/run_study.py plan=lds_anisotropy            # configs/study/lds_anisotropy.yaml
     python scripts/run_study.py plan=lds_anisotropy jobs=2 stage=tune
@@ -154,7 +154,7 @@ def job(root: Path, stage: str, plan: dict, opt: str, seed: int, settings: dict,
     # The default damping is what the lr stage ran: the same run, not a second copy of it.
     settings = {k: v for k, v in settings.items() if not (k == "opt.ap.damping" and v == plan["default_damping"])}
     run_dir = root / stage / _dirname({**where, "opt": opt, **settings, "seed": seed})
-    # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (STUDIES.md §4)
+    # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (docs/STUDIES.md §4)
     overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan["overrides"],
                  *plan[f"{stage}_overrides"], *(f"{k}={v}" for k, v in {**where, **settings}.items()))
     return Job(run_dir, overrides)

@@ -28,7 +28,7 @@ Keys (a registered study supplies them all; any given here wins):
                         one cell of a verdict axis (scripts/run_study.py's verdict_axes), tuning runs untouched
 
 Writes to out/: evals.csv (every evaluation point, with each run's git SHA, versions and threads; only
-when every source is a sweep dir, so that the study can be re-made from committed files), runs.csv (data contract, ../shared/STUDIES.md §5: one row per run, final/, best/ and
+when every source is a sweep dir, so that the study can be re-made from committed files), runs.csv (data contract, docs/STUDIES.md §5: one row per run, final/, best/ and
 valpick/ of every metric), provenance.json, cells.{csv,md} (DoPr − base paired by seed in every cell),
 choice.{csv,md} (each optimizer's setting chosen on the tuning seeds by the test metric and by val loss),
 headline.{csv,md} (each GP vs DoPr at their chosen settings, with the verdict), observations.{csv,md} (the paper's

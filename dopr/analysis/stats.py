@@ -117,7 +117,7 @@ def mean_interval(values) -> Interval:
 
 
 def verdict(interval: Interval, dopr_better_is_positive: bool) -> str:
-    """STUDIES.md §3: "held" when the interval excludes 0 on DoPr's better side, "reversed" when it
+    """docs/STUDIES.md §3: "held" when the interval excludes 0 on DoPr's better side, "reversed" when it
     excludes 0 on the other side, "inconclusive" otherwise (including an unbounded or one-seed interval)."""
     if not (math.isfinite(interval.low) and math.isfinite(interval.high)):
         return "inconclusive"

@@ -104,7 +104,7 @@ STUDIES = {s.name: s for s in [
         notes=[CSV_ONLY, "lr is the experiment's default (not recorded in the CSV); 20 eval episodes per run"]),
 ]}
 
-# Studies run by scripts/run_study.py to ../shared/STUDIES.md: one entry per cell of the plan's verdict
+# Studies run by scripts/run_study.py to docs/STUDIES.md: one entry per cell of the plan's verdict
 # axes, each a verdict of its own, all read from the one evals.csv that scripts/aggregate.py wrote from
 # the sweep (the run dirs themselves are not committed; evals.csv keeps each run's SHA and versions).
 

@@ -1,4 +1,4 @@
-"""Load a sweep's records and reduce them to the data contract's ``runs.csv`` (../shared/STUDIES.md §5).
+"""Load a sweep's records and reduce them to the data contract's ``runs.csv`` (docs/STUDIES.md §5).
 
 Two sources give the same frames:
 - a sweep directory: every run dir under it with a ``summary.json`` (resolved config, git, versions)
@@ -51,8 +51,7 @@ META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed
         "steps"]
 # What provenance.json needs about each run, kept as columns so that an evals.csv carries it too.
 PROVENANCE = ["git.sha", "git.dirty", "threads", "machine", "versions", "date"]
-# The data contract's leading columns, in order. The damping column is named after the setting's own
-# name, opt.ap.damping (STUDIES.md §5 calls it opt.damping, its name before the opt.ap rename).
+# The data contract's leading columns, in order (docs/STUDIES.md §5).
 CONTRACT = ["study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
 
 
