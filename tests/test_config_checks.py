@@ -100,6 +100,13 @@ def test_every_committed_task_and_experiment_passes():
         check_config(_composed([f"experiment={experiment}"]))
 
 
+@pytest.mark.parametrize("task", sorted(p.stem for p in (ROOT / "configs/task").glob("*.yaml")))
+def test_a_misspelled_task_key_is_named_for_every_task(task):
+    """No task constructor swallows unknown keys: a typo is an error, not a silently ignored setting."""
+    with pytest.raises(ValueError, match=r"task.hroizon: \w+.__init__ has no such parameter"):
+        check_config(_composed([f"task={task}", "+task.hroizon=5"]))
+
+
 def test_every_committed_study_plan_passes():
     from script_loader import load_script
 

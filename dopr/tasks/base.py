@@ -36,7 +36,9 @@ class Task:
     headline_metric: str = "test/score"
     higher_is_better: bool = True
 
-    def __init__(self, seed: int = 0, device: str = "cpu", **_: Any):
+    def __init__(self, seed: int = 0, device: str = "cpu", name: str | None = None):
+        # name: the task config's own name (configs/task/<name>.yaml). No **kwargs here: a misspelled
+        # task key must be an error (dopr/config_check.py names it), not a setting silently ignored.
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed={seed}: use a non-negative integer (seed=0, 1, 2, ...); numpy's seeded "
                              f"generators reject negative seeds")
