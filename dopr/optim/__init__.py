@@ -3,6 +3,7 @@ preconditioner (GP). Depends on torch (and pytorch-optimizer for Signum), nothin
 
     from dopr.optim import build_optimizer
     opt = build_optimizer(model, "dopr_adamw", lr=1e-3)      # or adamw, muon, dopr_muon, ...
+    print(opt.coverage())                                     # which parameters AP preconditions
 
 or wrap your own optimizer:
 

@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from dopr.optim.config import APConfig, check_ap_setting, is_integer, is_number
 from dopr.optim.dopr import DoPr
 from dopr.optim.gp import AdaMuon, Muon, route_params
-from dopr.optim.preconditioner import ActivationPreconditioner, APConfig, check_ap_setting, is_integer, is_number
+from dopr.optim.preconditioner import ActivationPreconditioner
 
 GP_NAMES = ("adamw", "muon", "signum", "adamuon")
 ALIASES = {"adam": "adamw", "dopr_adam": "dopr_adamw"}
@@ -171,7 +172,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
                     ap: dict | APConfig | None = None, **hparams) -> DoPr:
     """Build ``name`` (see ``KNOWN_OPTIMIZERS``) for ``model``.
 
-    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every Linear/Conv layer, configured
+    ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every supported layer (Linear, Conv1d/2d,
+    MultiheadAttention, Hugging Face Conv1D; ``opt.coverage()`` lists what it covers), configured
     by ``ap``: an :class:`APConfig` or a dict of its fields (damping, ema, stat_interval,
     inverse_interval, max_rows, bias, warmup_steps, exclude, solver), the same names as
     ``opt.ap.<field>`` on the command line. Matrix GPs (muon, adamuon) send the parameters that

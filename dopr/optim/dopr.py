@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from dopr.optim.gp import AdaMuon, Muon, evaluate_closure
-from dopr.optim.preconditioner import ActivationPreconditioner
+from dopr.optim.preconditioner import ActivationPreconditioner, Coverage
 
 
 class DoPr(Optimizer):
@@ -143,6 +143,17 @@ class DoPr(Optimizer):
         ap = 0 if self.preconditioner is None else self.preconditioner.memory_bytes()
         return {"gp": gp, "ap": ap}
 
+    def coverage(self) -> Coverage:
+        """Which of the inner optimizers' parameters AP preconditions and which get the plain GP:
+        ``{"preconditioned": [names], "plain": [names]}``; ``print(opt.coverage())`` is a report."""
+        params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        if self.preconditioner is not None:
+            return self.preconditioner.coverage(params)
+        plain = [f"inner optimizer {i}, group {g}, index {j} (shape {tuple(p.shape)})"
+                 for i, o in enumerate(self.optimizers) for g, group in enumerate(o.param_groups)
+                 for j, p in enumerate(group["params"])]
+        return Coverage(preconditioned=[], plain=plain)
+
     def __repr__(self) -> str:
         inner = ", ".join(type(o).__name__ for o in self.optimizers)
         ap = "off" if self.preconditioner is None else f"on, {len(self.preconditioner.layers)} layers"
@@ -154,15 +165,8 @@ def _keys(value) -> list:
 
 
 def _param_names(preconditioner: ActivationPreconditioner | None) -> dict[int, str]:
-    """Names for error messages: the parameters of AP's layers (the only names DoPr knows)."""
-    if preconditioner is None:
-        return {}
-    names = {}
-    for layer in preconditioner.layers:
-        names[id(layer.module.weight)] = f"{layer.name}.weight"
-        if layer.module.bias is not None:
-            names[id(layer.module.bias)] = f"{layer.name}.bias"
-    return names
+    """Names for error messages: the model's parameter names, which DoPr knows through AP."""
+    return {} if preconditioner is None else dict(preconditioner.param_names)
 
 
 def _describe(param: torch.Tensor, names: dict[int, str], where: str) -> str:

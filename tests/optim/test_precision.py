@@ -32,148 +32,18 @@ Inputs are ill-conditioned on purpose: column scales spread from 1 down to 1e-2.
 1e-3 of tr(S)/d, batches with fewer rows than inputs (the batch-space path) and more (the d x d path).
 """
 
-import math
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
+
+from ap_reference import DAMPING, SPREADS, Reference, check_model, full_grad, spread_inputs
 
 from dopr.distributed import end_distributed_process
 from dopr.optim import ActivationPreconditioner, APConfig
-
-U32 = 2.0**-24  # unit roundoff of fp32
-U64 = 2.0**-53
-LAMBDA = 6.0  # probabilistic rounding constant: failure probability ~ exp(-18) per bound
-SPREADS = (1e-2, 1e-3, 1e-4)
-DAMPING = 1e-3
-
-
-def gamma(m: int, u: float = U32) -> float:
-    """The probabilistic error constant of m accumulated roundings (Higham and Mary 2019)."""
-    return LAMBDA * math.sqrt(m) * u
-
-
-def ap_error_bound(G: torch.Tensor, ref: "Reference", batch_space: bool) -> float:
-    """The module docstring's bound on ||M_hat - M||_F / ||M||_F for the path the layer took (float64)."""
-    M = G @ ref.P
-    if batch_space:
-        return U32 + 2 * ref.kappa**2 * gamma(ref.rows + ref.P.shape[0], U64)
-    M_norm = M.norm()
-    GP = G.abs() @ ref.P.abs()
-    product = gamma(ref.P.shape[0]) * GP.norm() / M_norm
-    inverse = min((GP @ ref.E @ ref.P.abs()).norm() / M_norm, torch.linalg.matrix_norm(ref.E, 2) / ref.lam_min)
-    return (U32 + product + inverse).item()
-
-
-def spread_inputs(shape, spread, channel_dim, generator):
-    """Gaussian inputs whose channels' scales are log-spaced from 1 down to ``spread``."""
-    scales = torch.logspace(0, math.log10(spread), shape[channel_dim])
-    view = [1] * len(shape)
-    view[channel_dim] = -1
-    return torch.randn(*shape, generator=generator) * scales.view(view)
-
-
-def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows the layer's weight multiplies, from the input it saw (float64)."""
-    x = x.double()
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features)
-    if isinstance(module, nn.Conv1d):
-        x = F.pad(x, (module.padding[0], module.padding[0])).unsqueeze(2)
-        patches = F.unfold(x, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0]))
-    else:
-        x = F.pad(x, (module.padding[1], module.padding[1], module.padding[0], module.padding[0]))
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-class Reference:
-    """Float64 AP of one layer, following APConfig's schedule (EMA, intervals, rows, warmup), and the
-    error bound of the fp32 computation that the optimizer ran (``ap_error_bound``)."""
-
-    def __init__(self, config: APConfig):
-        self.config, self.S, self.S_abs, self.rows = config, None, None, 0
-        self.P = self.E = self.lam_min = self.kappa = None
-
-    def step(self, step: int, Z: torch.Tensor, G: torch.Tensor, index: int = 0,
-             batch_space: bool = False) -> tuple[torch.Tensor, float]:
-        """(G P in float64, the bound on the relative error of the optimizer's fp32 G P) for this step."""
-        cfg = self.config
-        if step % cfg.stat_interval == 0:
-            if cfg.max_rows is not None and Z.shape[0] > cfg.max_rows:
-                stride = math.ceil(Z.shape[0] / cfg.max_rows)
-                Z = Z[step % stride :: stride]
-            n = Z.shape[0]
-            S_batch, S_abs_batch = Z.T @ Z / n, Z.abs().T @ Z.abs() / n
-            if cfg.ema == 0 or self.S is None:
-                self.S, self.S_abs = S_batch, S_abs_batch
-            else:
-                self.S = cfg.ema * self.S + (1 - cfg.ema) * S_batch
-                self.S_abs = cfg.ema * self.S_abs + (1 - cfg.ema) * S_abs_batch
-            self.rows = n
-        if self.P is None or (step + index) % cfg.inverse_interval == 0:
-            d = self.S.shape[0]
-            A = self.S + cfg.damping * torch.trace(self.S) / d * torch.eye(d, dtype=torch.float64, device=self.S.device)
-            L = torch.linalg.cholesky(A)
-            eig = torch.linalg.eigvalsh(A)
-            self.P, self.lam_min, self.kappa = torch.linalg.inv(A), eig[0].item(), (eig[-1] / eig[0]).item()
-            # Componentwise backward error of the P the optimizer computed: the fp32 sums of S (n rows,
-            # plus the EMA's and the damping's roundings), the Cholesky factorization and inverse
-            # (|L||L^T|, Higham 2002 Thm 10.3-10.4), and the rounding of S + mu I.
-            self.E = (gamma(self.rows + 2) * self.S_abs + gamma(3 * d + 1) * (L.abs() @ L.abs().T)
-                      + gamma(d + 2) * A.abs())
-        if step < cfg.warmup_steps:
-            return G, U32
-        return G @ self.P, ap_error_bound(G, self, batch_space)
-
-
-def full_grad(layer_module, augment):
-    G = layer_module.weight.grad.reshape(layer_module.weight.shape[0], -1)
-    if augment:
-        G = torch.cat([G, layer_module.bias.grad[:, None]], 1)
-    return G.double()
-
-
-def check_model(model, make_input, config, steps=3, expect_batch_space=None, seed=0):
-    """Train ``steps`` steps with a random linear loss; compare every AP layer with float64 math."""
-    g = torch.Generator().manual_seed(seed)
-    ap = ActivationPreconditioner(model, config)
-    inputs = {}
-    handles = [layer.module.register_forward_hook(lambda m, a, o: inputs.__setitem__(m, a[0].detach()))
-               for layer in ap.layers]
-    refs = {layer.name: Reference(config) for layer in ap.layers}
-    batch_space = set()  # the layers of this step that took the batch-space path
-    run_batch_space = ap._batch_space_step
-    ap._batch_space_step = lambda layers: (batch_space.update(layer.name for layer in layers), run_batch_space(layers))
-    worst = 0.0
-    for step in range(steps):
-        batch_space.clear()
-        model.zero_grad()
-        out = model(make_input(g))
-        (out * torch.randn(out.shape, generator=g).to(out.device)).sum().backward()
-        augment = {layer.name: layer.bias is not None for layer in ap.layers}
-        raw = {layer.name: full_grad(layer.module, augment[layer.name]) for layer in ap.layers}
-        rows = {}
-        for layer in ap.layers:
-            Z = layer_rows(layer.module, inputs[layer.module])
-            rows[layer.name] = torch.cat([Z, Z.new_ones(len(Z), 1)], 1) if augment[layer.name] else Z
-        ap.step()
-        if expect_batch_space is not None:
-            assert all((layer.name in batch_space) == expect_batch_space for layer in ap.layers), batch_space
-        for layer in ap.layers:
-            exact, bound = refs[layer.name].step(step, rows[layer.name], raw[layer.name], layer.index,
-                                                 batch_space=layer.name in batch_space)
-            got = full_grad(layer.module, augment[layer.name])
-            error = ((got - exact).norm() / exact.norm()).item()
-            assert error <= bound, (layer.name, step, error, bound, error / bound)
-            worst = max(worst, error / bound)
-    for h in handles:
-        h.remove()
-    return worst
 
 
 @pytest.mark.parametrize("spread", SPREADS)

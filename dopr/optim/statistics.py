@@ -1,0 +1,145 @@
+"""The statistics of one preconditioned block: rows of one step summed into z^T z, S, P.
+
+Rows arrive from forwards whose backward reached the layer (``commit``); micro-batches of a step
+add up (gradient accumulation). While the batch-space path may still be the cheaper one, rows are
+kept as they are (usually the very tensor autograd saved, so no extra memory) instead of reduced.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from dopr.optim.layers import Block
+from dopr.optim.solvers import batch_space_cheaper, gram
+
+
+@dataclass
+class ForwardRecord:
+    """One training forward's layer input, waiting for its backward to commit it."""
+
+    x: torch.Tensor | None
+    step: int
+
+
+class LayerStats:
+    """Statistics, inverse and gradient plumbing of one block (see :mod:`dopr.optim.layers`)."""
+
+    def __init__(self, block: Block, index: int):
+        self.block = block
+        self.name = block.name
+        self.module = block.module
+        self.index = index  # staggers inverse refreshes across layers
+        self.weight = block.weight
+        self.bias = block.bias  # the augmented bias parameter, or None
+        self.in_dim = block.in_dim  # d_in, or C*kh*kw for convolutions
+        self.dim = self.in_dim + (1 if self.bias is not None else 0)
+        self.xtx: torch.Tensor | None = None  # sum over recorded rows of z z^T
+        self.xsum: torch.Tensor | None = None  # sum of z (only with bias augmentation)
+        self.rows = 0
+        # Rows kept (not yet reduced to z^T z) while the batch-space path may still be the cheaper one.
+        self.kept: list[torch.Tensor] = []
+        self.awaiting: list[ForwardRecord] = []  # this step's forwards whose backward has not run yet
+        self.S: torch.Tensor | None = None
+        self.P: torch.Tensor | None = None
+        # The weight gradient AP last saw (a weak reference) and its version counter then: a second
+        # step() with no backward in between finds both unchanged and leaves the gradient alone.
+        self.seen_grad: tuple[weakref.ref, int] | None = None
+        self.warned_missing = False  # warned that its statistics never arrived
+
+    # -- recording -------------------------------------------------------------------------------
+    def commit(self, x: torch.Tensor, max_rows: int | None, step: int, keep_rows: bool = False) -> None:
+        """Add one forward's input rows to this step's statistics (called when its backward runs)."""
+        z = self.block.input_rows(x)
+        if max_rows is not None and z.shape[0] > max_rows:
+            stride = math.ceil(z.shape[0] / max_rows)
+            z = z[step % stride :: stride]  # strided view: cheap and deterministic
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 inputs accumulate in fp32
+        if keep_rows and self.rows + z.shape[0] < self.dim:
+            # Usually the very tensor autograd saved for backward: no extra memory.
+            self.kept.append(z)
+            self.rows += z.shape[0]
+            return
+        self.reduce_kept()
+        self._accumulate(z)
+
+    def reduce_kept(self) -> None:
+        """Fold kept rows into z^T z (the d x d path)."""
+        kept, self.kept = self.kept, []
+        self.rows -= sum(z.shape[0] for z in kept)
+        for z in kept:
+            self._accumulate(z)
+
+    def _accumulate(self, z: torch.Tensor) -> None:
+        if self.xtx is None or (self.rows == 0 and (self.xtx.dtype, self.xtx.device) != (z.dtype, z.device)):
+            # First rows, or the model changed dtype or device since the last step: the sums follow it.
+            self.xtx = torch.zeros(self.in_dim, self.in_dim, device=z.device, dtype=z.dtype)
+            self.xsum = None if self.bias is None else torch.zeros(self.in_dim, device=z.device, dtype=z.dtype)
+        elif self.xtx.dtype != z.dtype:  # changed between micro-batches of one step: keep the wider
+            dtype = torch.promote_types(self.xtx.dtype, z.dtype)
+            self.xtx = self.xtx.to(dtype)
+            self.xsum = None if self.xsum is None else self.xsum.to(dtype)
+            z = z.to(dtype)
+        self.xtx.addmm_(z.T, z)
+        if self.xsum is not None:
+            self.xsum.add_(z.sum(0))
+        self.rows += z.shape[0]
+
+    def batch_second_moment(self) -> torch.Tensor:
+        """S of the recorded rows, augmented with the constant-1 column when biases are included."""
+        n = max(self.rows, 1)
+        if self.bias is None:
+            return self.xtx / n
+        S = self.xtx.new_empty(self.dim, self.dim)
+        S[:-1, :-1] = self.xtx / n
+        S[:-1, -1] = S[-1, :-1] = self.xsum / n
+        S[-1, -1] = 1.0 if self.rows else 0.0
+        return S
+
+    def reset(self) -> None:
+        """Drop this step's statistics (committed rows and sums); S and P stay."""
+        self.kept = []
+        if self.xtx is not None:
+            self.xtx.zero_()
+        if self.xsum is not None:
+            self.xsum.zero_()
+        self.rows = 0
+
+    # -- gradients -------------------------------------------------------------------------------
+    def grad_matrix(self) -> torch.Tensor | None:
+        return self.block.grad_matrix()
+
+    def set_grad_matrix(self, M: torch.Tensor) -> None:
+        self.block.set_grad_matrix(M)
+
+    def has_new_grad(self) -> bool:
+        """Whether a backward wrote the weight gradient since AP last saw it.
+
+        Backward either creates the gradient tensor (after ``zero_grad(set_to_none=True)``) or adds
+        into it in place, which bumps its version counter; so does ``zero_grad(set_to_none=False)``.
+        """
+        grad = self.weight.grad
+        if grad is None:
+            return False
+        return self.seen_grad is None or self.seen_grad[0]() is not grad or self.seen_grad[1] != grad._version
+
+    def remember_grad(self) -> None:
+        grad = self.weight.grad
+        self.seen_grad = None if grad is None else (weakref.ref(grad), grad._version)
+
+    # -- batch-space (Woodbury) path -------------------------------------------------------------
+    def batch_space_cheaper(self) -> bool:
+        """Whether the float64 n x n path costs less than fp32 statistics + d x d inverse + G P."""
+        if not self.kept or self.rows == 0:
+            return False
+        return batch_space_cheaper(self.rows, self.dim, self.block.out_dim, self.kept[0].dtype, self.kept[0].device)
+
+    def kept_rows(self) -> torch.Tensor:
+        return self.kept[0] if len(self.kept) == 1 else torch.cat(self.kept)
+
+    def gram(self, Z: torch.Tensor) -> torch.Tensor:
+        """z z^T of the (bias-augmented) rows: the augmenting ones column adds 1 everywhere."""
+        return gram(Z, self.bias is not None)
