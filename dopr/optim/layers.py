@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -29,12 +30,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed has no DTensor
+    DTensor = ()
+
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)  # and transformers' Conv1D, by name
 
 # on_forward(helper, inputs, outputs): inputs[i] is the layer input of helper.blocks[i] (or None),
 # outputs the forward's output tensors, whose gradient marks the backward reaching the module.
 OnForward = Callable[["ModuleHelper", list, list], None]
 ShouldRecord = Callable[[nn.Module], bool]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """A DTensor: FSDP2's sharded parameters and gradients."""
+    return isinstance(tensor, DTensor)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -57,22 +68,48 @@ class Block:
         self.weight_rows = weight_rows
         self.bias_rows = bias_rows
         self.in_dim, self.out_dim = self._shape()
+        for parameter in (weight, bias):
+            if parameter is not None and _is_dtensor(parameter):
+                self._check_sharding(parameter)
 
     def _shape(self) -> tuple[int, int]:
         """(d_in, d_out): d_in is C*kh*kw for convolutions."""
         rows = range(self.weight.shape[0])
-        return self.weight[0].numel(), len(rows if self.weight_rows is None else rows[self.weight_rows])
+        return math.prod(self.weight.shape[1:]), len(rows if self.weight_rows is None else rows[self.weight_rows])
+
+    def _check_sharding(self, parameter: torch.Tensor) -> None:
+        """FSDP2 (``fully_shard``) shards parameters by rows, Shard(0): each process rewrites its own
+        rows of G as rows of G P. A shard along any other dimension would split rows of G."""
+        wrong = [p for p in parameter.placements if p.is_shard() and p.dim != 0]
+        if wrong:
+            raise NotImplementedError(
+                f"AP layer {self.name!r}: its parameter is sharded as {parameter.placements}; AP needs whole rows of "
+                f"the gradient on each process, so shard dim 0 only (fully_shard's default), or exclude the layer "
+                f"with opt.ap.exclude")
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The (n, d_in) matrix whose rows the weight multiplies."""
         return x.reshape(-1, self.in_dim)
 
     def _own_rows(self, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
-        return tensor if rows is None else tensor[rows]
+        """This block's rows of ``tensor`` that this process holds (a view): all of them, or under FSDP2
+        the part of them in this process's row shard."""
+        if not _is_dtensor(tensor):
+            return tensor if rows is None else tensor[rows]
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = tensor.to_local()  # the shard itself: writes into it are writes into the DTensor
+        if rows is None:
+            return local
+        offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)[1][0]
+        start, stop, _ = rows.indices(tensor.shape[0])
+        lo, hi = max(start, offset) - offset, min(stop, offset + local.shape[0]) - offset
+        return local[lo:max(lo, hi)]
 
     def _weight_matrix(self, grad: torch.Tensor) -> torch.Tensor:
-        """This block's part of the weight's gradient, as d_out x d_in (a view)."""
-        return self._own_rows(grad, self.weight_rows).reshape(self.out_dim, -1)
+        """This block's part of the weight's gradient, as d_out x d_in (a view; this process's rows)."""
+        rows = self._own_rows(grad, self.weight_rows)
+        return rows.reshape(rows.shape[0], -1)
 
     def _write_weight(self, grad: torch.Tensor, M: torch.Tensor) -> None:
         target = self._own_rows(grad, self.weight_rows)
@@ -123,6 +160,12 @@ class TransposedBlock(Block):
 
     def _shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.weight.shape[1]
+
+    def _check_sharding(self, parameter: torch.Tensor) -> None:
+        if parameter is self.weight and any(p.is_shard() for p in parameter.placements):
+            raise NotImplementedError(
+                f"AP layer {self.name!r}: a Conv1D weight is stored (d_in, d_out), so FSDP2's row shards split the "
+                f"columns of G that G P mixes; exclude it with opt.ap.exclude, or leave this module unsharded")
 
     def _weight_matrix(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.T

@@ -124,11 +124,11 @@ class LayerStats:
         grad = self.weight.grad
         if grad is None:
             return False
-        return self.seen_grad is None or self.seen_grad[0]() is not grad or self.seen_grad[1] != grad._version
+        return self.seen_grad is None or self.seen_grad[0]() is not grad or self.seen_grad[1] != _version(grad)
 
     def remember_grad(self) -> None:
         grad = self.weight.grad
-        self.seen_grad = None if grad is None else (weakref.ref(grad), grad._version)
+        self.seen_grad = None if grad is None else (weakref.ref(grad), _version(grad))
 
     # -- batch-space (Woodbury) path -------------------------------------------------------------
     def batch_space_cheaper(self) -> bool:
@@ -143,3 +143,8 @@ class LayerStats:
     def gram(self, Z: torch.Tensor) -> torch.Tensor:
         """z z^T of the (bias-augmented) rows: the augmenting ones column adds 1 everywhere."""
         return gram(Z, self.bias is not None)
+
+
+def _version(grad: torch.Tensor) -> int:
+    """The gradient's version counter; for an FSDP2 DTensor, its local shard's (writes go there)."""
+    return grad.to_local()._version if hasattr(grad, "to_local") else grad._version
