@@ -1,5 +1,7 @@
 # The two commands a new user types:  make run   and   make test
-# Both create (or reuse) a local virtual environment in .venv with everything pinned in pyproject.toml.
+# Both create (or reuse) a local virtual environment in .venv with pyproject.toml's `all` extra: the
+# research stack at its exact pins (`research`, torch==2.13.0 included) and the test tools (`dev`).
+# A user who wants only the optimizer installs the core instead: pip install . (torch, pytorch-optimizer).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

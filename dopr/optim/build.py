@@ -27,7 +27,11 @@ def _adamw(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 
 def _signum(params, lr, weight_decay, momentum=0.9):
-    from pytorch_optimizer import SignSGD
+    try:
+        from pytorch_optimizer import SignSGD
+    except ImportError:  # the core install (pip install dopr) brings torch alone
+        raise ImportError("signum and dopr_signum are pytorch-optimizer's SignSGD with momentum, which the core "
+                          "install leaves out: pip install 'dopr[signum]' (or pip install pytorch-optimizer)") from None
 
     return SignSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, weight_decouple=True)
 
