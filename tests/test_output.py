@@ -34,15 +34,7 @@ def test_demo_generation_prints_progress_not_robosuite(tmp_path):
     assert (tmp_path / "lift.hdf5").exists()
 
 
-@pytest.fixture(scope="module")
-def lift_file(tmp_path_factory):
-    from dopr.envs.scripted import generate_demos
-
-    path = tmp_path_factory.mktemp("demos") / "lift.hdf5"
-    generate_demos("Lift", 2, str(path), seed=0, valid_fraction=0.5, log=None)
-    return path
-
-
+@pytest.mark.slow  # >10 s on 2 cores
 def test_robomimic_run_logs_robosuite_to_the_run_dir_and_prints_a_few_lines(lift_file, tmp_path):
     printed = run("run.py", "task=robomimic_lift", f"task.dataset={lift_file}", "logger=none",
                   f"hydra.run.dir={tmp_path}",
@@ -79,6 +71,7 @@ def test_sweep_threads_respect_the_user_and_other_launchers():
     assert sweep_job_threads(None, single) is None
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 def test_rollout_workers_exit_quietly_when_the_pool_is_never_closed():
     # a task drops its pool at exit without close(): gymnasium terminates the workers, silently
     printed = run("-c", "import time; import numpy as np; from dopr.envs.robosuite_envs import make_env_args; "
@@ -88,6 +81,7 @@ def test_rollout_workers_exit_quietly_when_the_pool_is_never_closed():
     assert printed.strip() == "done", printed
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 def test_a_pool_made_in_a_child_process_leaves_that_process_threads_alone():
     # sweep jobs run in child processes; AsyncVectorEnv builds one env in the pool's own process, and
     # the one-thread setup meant for the rollout workers must not reach it (trainer.threads stays)

@@ -153,6 +153,7 @@ def test_replaying_recorded_actions_reproduces_the_demo(lift_file, lift_env):
     assert success
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 @pytest.mark.skipif(os.environ.get("DOPR_SKIP_RENDER") == "1", reason="rendering disabled")
 def test_image_demos_render_uint8_cameras(tmp_path):
     from dopr.envs.robosuite_envs import select_gl_backend
@@ -305,6 +306,7 @@ def test_normalizer_round_trip_and_constant_dims():
     np.testing.assert_allclose(RangeNormalizer.from_state(norm.state()).unnormalize(y), data, atol=1e-5)
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 def test_flow_policy_learns_an_observation_dependent_chunk():
     # two observations, two different target chunks: after training, Euler sampling from zeros
     # lands near the right chunk for each observation, with 1 and with 5 steps
@@ -352,6 +354,7 @@ def test_tiny_train_and_rollout_end_to_end(lift_file, tmp_path):
     assert result.seed == 5 and result.length == 16 and not result.success
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 def test_worker_processes_match_in_process_rollouts(lift_file):
     from dopr.envs.rollout import EnvPool
 

@@ -69,6 +69,7 @@ def test_a_second_writer_is_refused_and_a_killed_owner_leaves_no_stale_lock(tmp_
 
 
 # --- a finished run is not overwritten unasked ---------------------------------------------------
+@pytest.mark.slow  # >10 s on 2 cores
 def test_a_finished_run_is_refused_then_overwritten_only_on_request(tmp_path):
     run_dir = tmp_path / "run"
     assert run_py(run_dir, "seed=0").returncode == 0

@@ -11,7 +11,6 @@ import torch
 from dopr.data.robomimic_hdf5 import read_env_args
 from dopr.envs.gym_envs import rollout_policy
 from dopr.envs.rollout import EnvPool
-from dopr.envs.scripted import generate_demos
 from dopr.envs.video import VIDEO_SIZE
 
 torch.set_num_threads(1)
@@ -28,13 +27,6 @@ def headless_gl():
         select_gl_backend()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def lift_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demos") / "lift.hdf5"
-    generate_demos("Lift", 2, str(path), seed=0, valid_fraction=0.5, log=None)
-    return str(path)
 
 
 def reach(window):  # toward the cube: observation-dependent, deterministic
@@ -60,9 +52,10 @@ def played_frames(path, fps):
     return len(iio.imread(path, index=None))
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pool_records_the_first_seed_and_results_do_not_change(lift_file, workers):
-    env_args = read_env_args(lift_file)
+    env_args = read_env_args(str(lift_file))
     plain = EnvPool(env_args, num_workers=workers)
     recording = EnvPool(env_args, num_workers=workers, video=True)
     try:
@@ -89,7 +82,7 @@ def test_robomimic_run_writes_one_video_per_evaluation_and_logs_it_to_wandb(lift
     from dopr.tasks.robomimic import RobomimicTask
     from dopr.train import TrainerConfig, train
 
-    task = RobomimicTask(env_name="Lift", dataset=lift_file, unet_channels=[8, 16], time_embed_dim=8,
+    task = RobomimicTask(env_name="Lift", dataset=str(lift_file), unet_channels=[8, 16], time_embed_dim=8,
                          integration_steps=[2, 1], batch_size=4, eval_episodes=2, max_episode_steps=12,
                          val_samples=8, video=True)
     trainer = TrainerConfig(steps=4, eval_every=2, warmup_steps=0, progress=False)

@@ -232,6 +232,7 @@ def test_ddp_statistics_all_reduce_and_owner_inverses_over_gloo(tmp_path, overla
     assert ((r0["P"][0].double() - exact).norm() / exact.norm()).item() <= bound
 
 
+@pytest.mark.slow  # >10 s on 2 cores
 def test_ddp_example_exits_cleanly_under_torchrun():
     """The README's DDP command, as torchrun launches it: 2 gloo processes train and both exit 0.
     Before end_distributed_process, half of these launches died of SIGABRT after training, so
