@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopr.envs.scripted import ENV_ALIASES, EXPERTS, generate_demos  # noqa: E402
+from dopr.envs.scripted import ENV_ALIASES, EXPERTS, generate_demos, generated_demos_path  # noqa: E402
 from dopr.paths import resolve  # noqa: E402
 from dopr.cli import parse_script_args  # noqa: E402
-from dopr.tasks.robomimic import DEFAULT_DEMOS_DIR, generated_demos_path  # noqa: E402
+from dopr.tasks.robomimic import DEFAULT_DEMOS_DIR  # noqa: E402
 
 
 @dataclass

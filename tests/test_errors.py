@@ -81,7 +81,7 @@ def robomimic_task(path, **overrides):
 
 def test_matching_robomimic_file_passes_the_env_check(tmp_path):
     task = robomimic_task(write_lift_file(tmp_path / "ok.hdf5"))
-    assert task.policy_spec["action_dim"] == 7
+    assert task.policy_spec.action_dim == 7
 
 
 def test_robomimic_action_size_is_checked_against_the_env(tmp_path):

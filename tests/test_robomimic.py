@@ -23,7 +23,8 @@ from dopr.data.robomimic_hdf5 import (
 )
 from dopr.envs.robosuite_envs import RobosuiteEnv, convert_controller_configs, make_env_args
 from dopr.envs.scripted import generate_demos, make_expert, run_expert_episode
-from dopr.tasks.robomimic import RobomimicTask, generated_demos_path
+from dopr.envs.scripted import generated_demos_path
+from dopr.tasks.robomimic import RobomimicTask
 from dopr.models.unet1d import ConditionalUnet1D
 from dopr.models.vision import ResNetEncoder, random_crop
 from dopr.policies.flow_matching import FlowMatchingPolicy
@@ -332,7 +333,7 @@ def test_flow_policy_learns_an_observation_dependent_chunk():
 
 def test_tiny_train_and_rollout_end_to_end(lift_file, tmp_path):
     from dopr.envs.rollout import EnvPool
-    from dopr.tasks.robomimic import policy_from_checkpoint
+    from dopr.policies.chunk_policy import policy_from_checkpoint
     from dopr.train import CHECKPOINT, TrainerConfig, train
 
     task = RobomimicTask(env_name="Lift", dataset=lift_file, unet_channels=[16, 32], time_embed_dim=16,

@@ -12,13 +12,16 @@ less uniform than a fixed script, like human demonstrations are.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 from dopr.envs.robosuite_envs import RobosuiteEnv
+from dopr.paths import resolve
 
 _MAX_POS_STEP = 0.05  # metres per unit action (robosuite's OSC_POSE output_max)
 _MAX_ROT_STEP = 0.5  # radians per unit action
@@ -356,3 +359,30 @@ def generate_demos(
     if log is not None:
         log(f"wrote {out_path}: {stats}")
     return stats
+
+
+def generated_demos_path(demos_dir: str | os.PathLike, env_name: str, obs: str, num_demos: int, seed: int) -> Path:
+    """Where generated demos of these settings live (scripts/make_demos.py writes the same name)."""
+    return resolve(demos_dir) / f"{env_name}_{obs}_{num_demos}demos_seed{seed}.hdf5"
+
+
+def scripted_demos(demos_dir: str | os.PathLike, env_name: str, obs: str, num_demos: int, seed: int,
+                   action_noise: float, camera_names: Sequence[str] = ()) -> Path:
+    """The generated demos file of these settings, written by the scripted expert on first use.
+
+    The name does not carry the noise, so a file made with another noise is refused, not reused silently.
+    """
+    path = generated_demos_path(demos_dir, env_name, obs, num_demos, seed)
+    if not path.exists():
+        print(f"[robomimic] {path} not found: generating {num_demos} scripted {env_name} demos (once)")
+        generate_demos(env_name, num_demos, str(path), seed=seed, action_noise=action_noise, camera_names=camera_names)
+        return path
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        made_with = f["data"].attrs.get("expert_action_noise")
+    if made_with is not None and float(made_with) != float(action_noise):
+        raise ValueError(f"{path} was generated with action noise {float(made_with):g}, not task.gen_noise="
+                         f"{float(action_noise):g}; delete it to regenerate it, or give the new demos their "
+                         f"own task.demos_dir=<dir>")
+    return path

@@ -31,67 +31,15 @@ import torch
 from torch import nn
 
 from dopr.data.robomimic_hdf5 import ChunkDataset, demo_names, load_episodes, obs_keys_in, read_env_args
+from dopr.policies.chunk_policy import ChunkPolicyRunner, PolicySpec, build_policy
 from dopr.policies.flow_matching import FlowMatchingPolicy
 from dopr.policies.normalizer import RangeNormalizer
-from dopr.policies.obs_encoder import ObsEncoder
-from dopr.policies.regression import RegressionPolicy
 from dopr.paths import DEFAULT_DATA, resolve
 from dopr.tasks.base import Task, require_at_least
 
 DEFAULT_DEMOS_DIR = DEFAULT_DATA / "robomimic"
 DEFAULT_LOW_DIM_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 DEFAULT_IMAGE_KEYS = ("agentview_image", "robot0_eye_in_hand_image")
-
-
-def generated_demos_path(demos_dir: str | os.PathLike, env_name: str, obs: str, num_demos: int, seed: int) -> Path:
-    """The file ``dataset: null`` generates and reuses (scripts/make_demos.py writes the same name)."""
-    return resolve(demos_dir) / f"{env_name}_{obs}_{num_demos}demos_seed{seed}.hdf5"
-
-
-def build_policy(spec: dict) -> nn.Module:
-    """A fresh policy from a JSON-able spec (what ``RobomimicTask.state()['policy_spec']`` holds)."""
-    encoder = ObsEncoder(
-        {k: int(v) for k, v in spec["low_dim_sizes"].items()},
-        tuple(spec["image_keys"]),
-        obs_steps=spec["obs_steps"],
-        image_feature_dim=spec["image_feature_dim"],
-        crop_size=spec["crop_size"],
-        image_base_width=spec["image_base_width"],
-    )
-    if spec["policy"] == "flow":
-        return FlowMatchingPolicy(
-            encoder,
-            spec["action_dim"],
-            spec["horizon"],
-            channels=spec["unet_channels"],
-            kernel_size=spec["kernel_size"],
-            time_embed_dim=spec["time_embed_dim"],
-            num_steps=spec["integration_steps"][0],
-            init=spec["init"],
-        )
-    if spec["policy"] == "regression":
-        return RegressionPolicy(encoder, spec["action_dim"], spec["horizon"], spec["mlp_width"], spec["mlp_depth"])
-    raise ValueError(f"task.policy must be 'flow' or 'regression', got {spec['policy']!r}")
-
-
-class ChunkPolicyRunner:
-    """Normalizes raw observation windows, predicts a chunk, returns env-space actions."""
-
-    def __init__(self, model: nn.Module, normalizers: dict[str, RangeNormalizer], action_normalizer, device, steps):
-        self.model, self.normalizers, self.action_normalizer = model, normalizers, action_normalizer
-        self.device, self.steps = device, steps
-
-    def __call__(self, window: dict[str, np.ndarray]) -> np.ndarray:
-        obs = {}
-        for key, value in window.items():
-            if key in self.normalizers:
-                value = self.normalizers[key].normalize(value.reshape(*value.shape[:2], -1))
-                obs[key] = torch.as_tensor(value, device=self.device)
-            else:
-                obs[key] = torch.as_tensor(np.ascontiguousarray(value), device=self.device)
-        with torch.no_grad():
-            chunk = self.model.predict(obs, num_steps=self.steps)
-        return self.action_normalizer.unnormalize(chunk.cpu().numpy())
 
 
 class RobomimicTask(Task):
@@ -179,7 +127,7 @@ class RobomimicTask(Task):
         self.train_data = ChunkDataset(train_eps, obs_steps, horizon)
         self.valid_data = ChunkDataset(valid_eps, obs_steps, horizon)
         self.image_size = image_size or (train_eps[0].obs[image_keys[0]].shape[1] if image_keys else None)
-        self.policy_spec = dict(
+        self.policy_spec = PolicySpec(
             policy=policy,
             low_dim_sizes={k: int(train_eps[0].obs[k].shape[1]) for k in low_dim_keys},
             image_keys=list(image_keys),
@@ -213,23 +161,10 @@ class RobomimicTask(Task):
             if not path.exists() and os.path.exists(str(dataset)):  # a relative path given from the cwd
                 path = Path(dataset)
             return str(path)  # a missing file is reported by read_env_args, with where to get the real ones
+        from dopr.envs.scripted import scripted_demos  # robosuite loads only when demos are generated
+
         cameras = [k[: -len("_image")] for k in DEFAULT_IMAGE_KEYS] if obs == "image" else []
-        path = generated_demos_path(demos_dir, env_name, obs, gen_demos, gen_seed)
-        if not path.exists():
-            from dopr.envs.scripted import generate_demos
-
-            print(f"[robomimic] {path} not found: generating {gen_demos} scripted {env_name} demos (once)")
-            generate_demos(env_name, gen_demos, str(path), seed=gen_seed, action_noise=gen_noise, camera_names=cameras)
-        else:  # the name does not carry the noise: a file made with another one must not be reused silently
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                made_with = f["data"].attrs.get("expert_action_noise")
-            if made_with is not None and float(made_with) != float(gen_noise):
-                raise ValueError(f"{path} was generated with action noise {float(made_with):g}, not task.gen_noise="
-                                 f"{float(gen_noise):g}; delete it to regenerate it, or give the new demos their "
-                                 f"own task.demos_dir=<dir>")
-        return str(path)
+        return str(scripted_demos(demos_dir, env_name, obs, gen_demos, gen_seed, gen_noise, cameras))
 
     def _check_keys_recorded(self, low_dim_keys: Sequence[str], image_keys: Sequence[str]) -> None:
         recorded = obs_keys_in(self.path)
@@ -253,16 +188,16 @@ class RobomimicTask(Task):
             env.close()
         where = f"{self.path} (env {self.env_args['env_name']!r} from its data.attrs['env_args'])"
         problems = []
-        if self.policy_spec["action_dim"] != action_dim:
-            problems.append(f"its actions have {self.policy_spec['action_dim']} dims, the env takes {action_dim}")
-        for key, size in self.policy_spec["low_dim_sizes"].items():
+        if self.policy_spec.action_dim != action_dim:
+            problems.append(f"its actions have {self.policy_spec.action_dim} dims, the env takes {action_dim}")
+        for key, size in self.policy_spec.low_dim_sizes.items():
             if key not in obs:
                 problems.append(f"the env has no observation {key!r} (it has {sorted(obs)}; set task.low_dim_keys "
                                 f"from those)")
             elif np.asarray(obs[key]).size != size:
                 problems.append(f"observation {key!r} has {size} values per step in the data, "
                                 f"{np.asarray(obs[key]).size} in the env")
-        for key in self.policy_spec["image_keys"]:
+        for key in self.policy_spec.image_keys:
             if key[: -len("_image")] not in cameras:
                 problems.append(f"the env has no camera for {key!r} (cameras: {list(cameras)})")
         if problems:
@@ -318,7 +253,7 @@ class RobomimicTask(Task):
         if isinstance(model, FlowMatchingPolicy):
             # the deterministic sampler's action error: what the rollout executes, unlike the flow loss
             obs, actions = self._to_tensors(self.valid_data, indices[:256])
-            predicted = model.predict(obs, num_steps=self.policy_spec["integration_steps"][0])
+            predicted = model.predict(obs, num_steps=self.policy_spec.integration_steps[0])
             metrics["val/action_mse"] = float(((predicted - actions) ** 2).mean())
         return metrics
 
@@ -326,24 +261,24 @@ class RobomimicTask(Task):
         from dopr.envs.rollout import EnvPool, summarize
 
         if self._pool is None:
-            cameras = [k[: -len("_image")] for k in self.policy_spec["image_keys"]]
+            cameras = [k[: -len("_image")] for k in self.policy_spec.image_keys]
             self._pool = EnvPool(self.env_args, self.num_workers, camera_names=cameras, image_size=self.image_size,
                                  video=self.video)
         spec = self.policy_spec
-        steps_list = spec["integration_steps"] if spec["policy"] == "flow" else [1]
+        steps_list = spec.integration_steps if spec.policy == "flow" else [1]
         seeds = [self.eval_seed + i for i in range(self.eval_episodes)]
         metrics = {}
         for k in steps_list:
             runner = ChunkPolicyRunner(model, self.normalizers, self.action_normalizer, self.device, k)
             record = self.video and k == steps_list[0]  # one video per evaluation
             results = self._pool.rollout(
-                runner, seeds, self.max_episode_steps, spec["obs_steps"], spec["action_steps"], self.obs_keys,
+                runner, seeds, self.max_episode_steps, spec.obs_steps, spec.action_steps, self.obs_keys,
                 video=record,
             )
             if record:
                 metrics["test/video"] = results[0].video
             summary = summarize(results)
-            if spec["policy"] == "flow":
+            if spec.policy == "flow":
                 metrics[f"test/success_rate_k{k}"] = summary["success_rate"]
                 metrics[f"test/episode_length_k{k}"] = summary["mean_episode_length"]
             if k == steps_list[0]:
@@ -358,26 +293,7 @@ class RobomimicTask(Task):
             "dataset": self.path,
             "obs_keys": self.obs_keys,
             "image_size": self.image_size,
-            "policy_spec": self.policy_spec,
+            "policy_spec": self.policy_spec.state(),
             "normalizers": {k: v.state() for k, v in self.normalizers.items()},
             "action_normalizer": self.action_normalizer.state(),
         }
-
-
-def policy_from_checkpoint(path: str, use_ema: bool = True, device: str = "cpu"):
-    """(runner, task_state) from a trainer checkpoint: ``runner(obs_window) -> action chunk``.
-
-    The env comes from ``task_state['env_args']`` (``dopr.envs.rollout.EnvPool(task_state['env_args'])``).
-    """
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    state = checkpoint["task_state"]
-    model = build_policy(state["policy_spec"]).to(device)
-    weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
-    model.load_state_dict(weights)
-    model.eval()
-    normalizers = {k: RangeNormalizer.from_state(v) for k, v in state["normalizers"].items()}
-    runner = ChunkPolicyRunner(
-        model, normalizers, RangeNormalizer.from_state(state["action_normalizer"]), torch.device(device),
-        state["policy_spec"]["integration_steps"][0],
-    )
-    return runner, state
