@@ -3,7 +3,7 @@
 scripts/study.py), between the markers <!-- results-table:start --> and <!-- results-table:end -->,
 and every study table a README includes: a block
 
-    <!-- include: results/lds_anisotropy/cond_1e6/headline.md -->
+    <!-- include: results/lds_anisotropy/cond1e6/headline.md -->
     ...
     <!-- /include -->
 

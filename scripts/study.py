@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """One command per study: its runs.csv, provenance.json, tables, figure and top-README row.
 
-    python scripts/study.py study=lds                      # a committed study (dopr/analysis/studies.py)
-    python scripts/study.py study=gym_hopper sweep=multirun/gym_tune,multirun/gym_verdict \\
-        out=results/gym_hopper tune_seeds=0,1,2 verdict_seeds=10-17
+    python scripts/study.py study=lm_arith_len45           # a committed study (dopr/analysis/studies.py)
+    python scripts/study.py study=lm_arith_len45 sweep=multirun/lm_tune,multirun/lm_verdict \\
+        out=results/lm_rerun tune_seeds=0,1,2 verdict_seeds=10-17
     python scripts/study.py study=my_study sweep=multirun/x out=results/my_study metric=test/return \\
         claim="DoPr raises return" readme=experiments/my/README.md
     python scripts/study.py help

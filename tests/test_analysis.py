@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 40
 
 
-def write_run(root: Path, opt: str, seed: int, evals: list[dict], status="finished", legacy_damping=False, lr=1e-3):
+def write_run(root: Path, opt: str, seed: int, evals: list[dict], status="finished", lr=1e-3):
     run = root / f"opt={opt},seed={seed}"
     run.mkdir(parents=True)
     opt_cfg = {"name": opt, "lr": lr}
     if opt.startswith("dopr_"):
-        opt_cfg.update({"damping": 0.01} if legacy_damping else {"ap": {"damping": 0.01}})
+        opt_cfg.update({"ap": {"damping": 0.01}})
     config = {"seed": seed, "task": {"name": "lds", "test_rollouts": 8}, "opt": opt_cfg, "trainer": {"steps": 30}}
     summary = {"status": status, "headline_metric": "test/cost_ratio", "higher_is_better": False, "config": config,
                "git": {"sha": SHA, "dirty": seed == 0}, "versions": {"torch": "2.x"}, "threads": 1}
@@ -48,8 +48,7 @@ def sweep_dir(tmp_path):
     for seed in range(4):
         write_run(root, "adamw", seed, evals([3.0 + seed, 2.0 + seed, 2.5 + seed], [1.0, 0.5, 0.7]))
         write_run(root, "dopr_adamw", seed, evals([2.5 + seed, 1.5 + seed + 0.1 * seed, 2.0 + seed],
-                                                  [1.2, 0.9, 0.8], median=[1.0, None if seed == 2 else 1.0, 1.0]),
-                  legacy_damping=seed == 3)
+                                                  [1.2, 0.9, 0.8], median=[1.0, None if seed == 2 else 1.0, 1.0]))
     (root / "opt=adamw,seed=1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals(
         [3.0, math.inf, 2.5], [1.0, 0.4, 0.7])))
     write_run(root, "adamw", 9, evals([1.0], [1.0]), status="running")
@@ -74,8 +73,7 @@ def test_runs_table_has_the_contract_columns_and_best_final_valpick(sweep_dir):
     assert diverged["best/test/cost_ratio"] == 2.5  # inf is the worst cost, not a missing one
     assert runs.loc["opt=dopr_adamw,seed=2", "final/test/median_cost_ratio"] == 1.0
     assert runs.loc["opt=dopr_adamw,seed=2", "best/test/median_cost_ratio"] == 1.0  # the null evaluation is skipped
-    assert runs.loc["opt=dopr_adamw,seed=3", "opt.ap.damping"] == 0.01  # old flat opt.damping
-    assert runs.loc["opt=dopr_adamw,seed=0", "opt.ap.damping"] == 0.01  # opt.ap.damping
+    assert runs.loc["opt=dopr_adamw,seed=0", "opt.ap.damping"] == 0.01
     assert math.isnan(base0["opt.ap.damping"]) and bool(runs.loc["opt=dopr_adamw,seed=0", "ap"]) and not base0["ap"]
 
 
@@ -191,22 +189,6 @@ def test_study_rejects_overlapping_seed_sets(sweep_dir, tmp_path):
                     "tune_seeds=0-2", "verdict_seeds=2,3"])
 
 
-def test_committed_lds_study_gives_the_paired_log_cost_ratios():
-    """The LDS README's per-lr verdicts come from the committed evals.csv through this module."""
-    from dopr.analysis import report
-    from dopr.analysis.studies import STUDIES
-
-    spec = STUDIES["lds"]
-    sweep = read_sweep(ROOT / spec.sweep[0])
-    sweep.evals["task"] = sweep.evals["task"].fillna(spec.task)
-    runs = runs_table(sweep, "lds", {s: "tune" for s in range(5)})
-    cells = report.paired_cells(runs, "test/cost_ratio", False, ["opt.lr"], [], picks=("final",))
-    adamw = cells[cells["gp"] == "adamw"].set_index("opt.lr")
-    assert adamw.loc[3e-4, "diff"] == pytest.approx(-5.16, abs=0.01) and adamw.loc[3e-4, "verdict"] == "held"
-    assert adamw.loc[1e-3, "verdict"] == "inconclusive" and adamw.loc[3e-3, "verdict"] == "inconclusive"
-    assert adamw.loc[3e-4, "half_width"] == pytest.approx(3.2, abs=0.05)
-
-
 def test_aggregate_writes_every_eval_point_and_the_final_table(sweep_dir, tmp_path):
     aggregate = load_script("aggregate")
     assert aggregate.main([f"sweep={sweep_dir}", f"out={tmp_path}", "group=opt.name,opt.lr"]) == 0
@@ -271,6 +253,100 @@ def test_include_blocks_are_filled_from_the_named_file(tmp_path):
 def test_committed_readmes_carry_the_current_study_tables():
     """README.md's results table and every included study table match the committed results files."""
     assert load_script("results_table").main(["check=true"]) == 0
+
+
+# results/ directories that hold no study, and why; every other one holds registered studies only.
+NOT_STUDIES = {
+    "bench": "benchmark output (scripts/bench_optim.py, scripts/ap_accuracy.py), not a study",
+    "gym_walker2d_demos": "the tuning records of a plan stopped for lack of headroom, cited by gym_walker2d_budget's "
+                          "plan as the reason for its 300-step budget; no verdict, so no runs.csv or provenance.json",
+}
+RUN_SHA = re.compile(r"[0-9a-f]{40}( \(dirty\))?")
+
+
+def contract_problems(study_dir: Path) -> list[str]:
+    """What a committed study dir lacks of the data contract (docs/STUDIES.md §5); empty when it conforms."""
+    from dopr.analysis.sweep import CONTRACT
+
+    where = study_dir.relative_to(ROOT) if ROOT in study_dir.parents else study_dir
+    if not (study_dir / "runs.csv").is_file() or not (study_dir / "provenance.json").is_file():
+        return [f"{where}: needs runs.csv and provenance.json"]
+    runs = read_runs_csv(study_dir / "runs.csv")
+    prov = json.loads((study_dir / "provenance.json").read_text())
+    metric = prov.get("metric", {}).get("name")
+    problems = [f"runs.csv: no column {c}" for c in CONTRACT + ["final/val/loss", "best/val/loss", f"final/{metric}",
+                                                                 f"best/{metric}"] if c not in runs]
+    if problems:
+        return [f"{where}/{p}" for p in problems]
+    tests = {c.split("/", 1)[1] for c in runs if c.startswith(("final/test/", "best/test/"))}
+    problems += [f"runs.csv: {m} lacks its final/ or best/ column" for m in sorted(tests)
+                 if f"final/{m}" not in runs or f"best/{m}" not in runs]
+    # every run names its study, task, optimizer, lr, seed, stage and steps; only DoPr runs have a damping
+    # (eval_episodes may be empty: the flow and lm tasks name their evaluation count differently)
+    required = [c for c in CONTRACT if c not in ("opt.ap.damping", "eval_episodes")]
+    problems += [f"runs.csv: {c} is empty in {n} run(s)" for c, n in runs[required].isna().sum().items() if n]
+    if not set(runs["stage"]) <= {"tune", "verdict"}:
+        problems.append(f"runs.csv: stage values {sorted(set(runs['stage']))}, not tune/verdict")
+    if runs.loc[runs["ap"], "opt.ap.damping"].isna().any() or runs.loc[~runs["ap"], "opt.ap.damping"].notna().any():
+        problems.append("runs.csv: opt.ap.damping must be set for DoPr runs and empty for base ones")
+    per_sha = prov.get("git", {}).get("runs per sha")
+    if not isinstance(per_sha, dict) or not per_sha or not all(RUN_SHA.fullmatch(k) for k in per_sha):
+        problems.append(f"provenance.json: the runs' git SHAs (with dirty flags) are not recorded: {per_sha!r}")
+    elif sum(per_sha.values()) < len(runs) or prov.get("runs tabled") != len(runs):
+        problems.append(f"provenance.json: {prov.get('runs tabled')} runs tabled and SHAs for {sum(per_sha.values())}, "
+                        f"but runs.csv has {len(runs)}")
+    commands = prov.get("commands", {})
+    if not commands.get("sweep") or not commands.get("analysis"):
+        problems.append("provenance.json: the sweep and analysis commands are not recorded")
+    machines = prov.get("run machine")
+    if not isinstance(machines, list) or not all(isinstance(m, dict) and m.get("cpu") for m in machines) \
+            or not machines or not prov.get("threads"):
+        problems.append("provenance.json: the runs' machine (CPU model) or thread count is not recorded")
+    dates = prov.get("run dates")
+    if not isinstance(dates, dict) or not dates.get("first") or not prov.get("analysis date"):
+        problems.append("provenance.json: dates are not recorded")
+    versions = prov.get("versions")
+    if not isinstance(versions, list) or not versions \
+            or not all(isinstance(v, dict) and v.get("torch") for v in versions):
+        problems.append("provenance.json: package versions are not recorded")
+    if set(prov.get("seeds", {})) != {"tune", "verdict"} or "count" not in (prov.get("left out") or {}):
+        problems.append("provenance.json: the seeds or the runs left out are not recorded")
+    return [f"{where}/{p}" for p in problems]
+
+
+def test_every_committed_results_dir_meets_the_data_contract():
+    """Each results/ dir holds registered studies, each with runs.csv and provenance.json per docs/STUDIES.md §5,
+    and only those write a readme_row.json (the top README's table lists registered studies only)."""
+    from dopr.analysis.studies import STUDIES
+
+    outs = {ROOT / spec.out for spec in STUDIES.values()}
+    tops = {p.name for p in (ROOT / "results").iterdir() if p.is_dir()}
+    assert set(NOT_STUDIES) <= tops, f"stale NOT_STUDIES entries: {set(NOT_STUDIES) - tops}"
+    for top in sorted(tops - set(NOT_STUDIES)):
+        assert any(out == ROOT / "results" / top or ROOT / "results" / top in out.parents for out in outs), (
+            f"results/{top} holds no study registered in dopr/analysis/studies.py")
+    marked = {p.parent for name in ("runs.csv", "provenance.json", "readme_row.json")
+              for p in (ROOT / "results").rglob(name)}
+    assert marked <= outs, f"study files outside a registered study: {sorted(str(p) for p in marked - outs)}"
+    problems = [p for out in sorted(outs) for p in contract_problems(out)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_contract_check_names_a_missing_column_and_unrecorded_provenance(tmp_path):
+    """The below-standard records the check exists to keep out: a runs.csv short of a contract column, and a
+    provenance.json from an aggregated CSV, which recorded no git SHA per run."""
+    source = ROOT / "results/robomimic_lift_3demos"
+    runs = pd.read_csv(source / "runs.csv")
+    prov = json.loads((source / "provenance.json").read_text())
+    runs.drop(columns=["best/val/loss"]).to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "provenance.json").write_text(json.dumps(prov))
+    assert contract_problems(tmp_path) == [f"{tmp_path}/runs.csv: no column best/val/loss"]
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert contract_problems(tmp_path) == []
+    prov["git"] = {"runs per sha": "not recorded (aggregated evals.csv)"}
+    (tmp_path / "provenance.json").write_text(json.dumps(prov))
+    assert [p.split(": ", 1)[1] for p in contract_problems(tmp_path)] == [
+        "the runs' git SHAs (with dirty flags) are not recorded: 'not recorded (aggregated evals.csv)'"]
 
 
 def observation_runs(base_returns: dict, dopr_gain: dict, dopr_val_change: dict, seeds=range(8)) -> pd.DataFrame:

@@ -31,82 +31,12 @@ class StudySpec:
     similar_margin: float = 0.1  # observation 1's band: base GPs "similar" within this fraction of the best's mean
 
 
-CSV_ONLY = ("committed data are an aggregated evals.csv: no git SHA, package versions or resolved config per run; "
-            "opt.ap.damping is empty because the CSV did not record it (the configs' default was 1e-3)")
-
 GYM_PREDICTORS = ["val/loss", "val/train_set_loss", "test/state_shift"]
 
-STUDIES = {s.name: s for s in [
-    StudySpec(
-        name="lds", task="lds", claim="DoPr lowers the LDS closed-loop cost ratio (learner / expert LQR cost) against its GP",
-        metric="test/cost_ratio", sweep=["results/lds/lr_sweep/evals.csv"], out="results/lds",
-        readme="experiments/lds/README.md",
-        commands=["python run.py -m task=lds logger=none trainer.progress=false opt=adamw,dopr_adamw seed=0,1,2,3,4 "
-                  "hydra.sweep.dir=multirun/lds_study",
-                  "python run.py -m task=lds logger=none trainer.progress=false opt=adamw,dopr_adamw opt.lr=3e-4,3e-3 "
-                  "seed=0,1,2,3,4 hydra.sweep.dir=multirun/lds_lr",
-                  "python run.py -m task=lds logger=none trainer.progress=false opt=muon,dopr_muon seed=0,1,2,3,4 "
-                  "hydra.sweep.dir=multirun/lds_lr/muon"],
-        secondary=["test/final_state_error", "test/ttf_shift"],
-        notes=[CSV_ONLY, "the lr grid has 3 values (STUDIES §2 asks for 5) and no damping grid"]),
-    StudySpec(
-        name="lds_cheap", task="lds", claim="cheap AP settings keep DoPr-AdamW's lower LDS cost ratio against AdamW",
-        metric="test/cost_ratio", sweep=["results/lds/cheap/evals.csv"], out="results/lds/cheap",
-        readme="experiments/lds/README.md", commands=["experiments/lds/run_cheap.sh"], cell_keys=[],
-        ap_keys=["opt.ap.stat_interval", "opt.ap.inverse_interval", "opt.ap.ema", "opt.ap.max_rows"],
-        notes=[CSV_ONLY, "lr is the task default (not recorded in the CSV)"]),
-    StudySpec(
-        name="gym_hopper", task="gym_hopper", claim="DoPr raises Hopper-v5 behavior-cloning return (noisy demos) against its GP",
-        metric="test/return", sweep=["results/gym/evals.csv", "results/gym/fig7_holdout_final.csv"], out="results/gym",
-        readme="experiments/gym/README.md", verdict_seeds="5-9",
-        commands=["python run.py -m experiment=gym_fig7 hydra/launcher=local",
-                  "python run.py -m experiment=gym_fig7 hydra/launcher=local seed=5,6,7,8,9 "
-                  "opt=adamw,dopr_adamw,muon,adamuon,dopr_adamuon opt.lr=1e-3 hydra.sweep.dir=multirun/gym_fig7_holdout/lr1e-3",
-                  "python run.py -m experiment=gym_fig7 hydra/launcher=local seed=5,6,7,8,9 opt=dopr_muon,signum "
-                  "opt.lr=3e-3 hydra.sweep.dir=multirun/gym_fig7_holdout/lr3e-3",
-                  "python run.py -m experiment=gym_fig7 hydra/launcher=local seed=5,6,7,8,9 opt=dopr_signum "
-                  "opt.lr=3e-4 hydra.sweep.dir=multirun/gym_fig7_holdout/lr3e-4"],
-        predictors=GYM_PREDICTORS,
-        notes=[CSV_ONLY, "5 eval episodes per run (STUDIES §4 asks for 20); 5 verdict seeds (it asks for 8)"]),
-    StudySpec(
-        name="gym_hopper_cheap", task="gym_hopper", claim="cheap AP settings keep DoPr-Muon's Hopper-v5 return gain over Muon at lr 3e-3",
-        metric="test/return", sweep=["results/gym/cheap/evals.csv"], out="results/gym/cheap",
-        readme="experiments/gym/README.md", commands=["experiments/gym/run_cheap.sh"],
-        ap_keys=["opt.ap.max_rows", "opt.ap.stat_interval"], fixed={"opt.lr": 3e-3}, notes=[CSV_ONLY]),
-    StudySpec(
-        name="gym_walker2d", task="gym_walker2d", claim="DoPr raises Walker2d-v5 behavior-cloning return (clean demos) against its GP",
-        metric="test/return", sweep=["results/gym/walker2d/evals.csv", "results/gym/walker2d/fig7_holdout_final.csv"],
-        out="results/gym/walker2d", readme="experiments/gym/README.md", verdict_seeds="5-9",
-        commands=["experiments/gym/run_walker2d_ant.sh"],
-        predictors=GYM_PREDICTORS,
-        notes=[CSV_ONLY, "5 eval episodes per run (STUDIES §4 asks for 20); 5 verdict seeds (it asks for 8)"]),
-    StudySpec(
-        name="gym_ant", task="gym_ant", claim="DoPr raises Ant-v5 behavior-cloning return (noisy demos) against its GP",
-        metric="test/return", sweep=["results/gym/ant/evals.csv"], out="results/gym/ant",
-        readme="experiments/gym/README.md", commands=["experiments/gym/run_walker2d_ant.sh"],
-        predictors=GYM_PREDICTORS,
-        notes=[CSV_ONLY, "one lr (1e-3): no lr tuning"]),
-    StudySpec(
-        name="lm_adamw", task="lm_arith", claim="DoPr-AdamW reaches a higher greedy exact match than AdamW on lm_arith addition",
-        metric="test/exact_match", sweep=["results/lm/evals.csv"], out="results/lm", readme="experiments/lm/README.md",
-        commands=["python run.py -m experiment=lm_arith_lr_sweep hydra/launcher=local"], notes=[CSV_ONLY]),
-    StudySpec(
-        name="lm_muon", task="lm_arith", claim="DoPr-Muon reaches a higher greedy exact match than Muon on lm_arith addition",
-        metric="test/exact_match", sweep=["results/lm/muon/evals.csv"], out="results/lm/muon",
-        readme="experiments/lm/README.md", commands=["python run.py -m experiment=lm_arith_muon hydra/launcher=local"],
-        notes=[CSV_ONLY, "one lr (1e-2): no lr tuning"]),
-    StudySpec(
-        name="robomimic_lift", task="robomimic_lift", claim="DoPr raises few-demo robomimic Lift success rate (9 Euler steps) against its GP",
-        metric="test/success_rate", sweep=["results/robomimic/evals.csv"], out="results/robomimic",
-        readme="experiments/robomimic/README.md",
-        commands=["python run.py -m experiment=robomimic_lift_fewdemo hydra/launcher=local"],
-        secondary=["test/success_rate_k1", "val/action_mse"],
-        notes=[CSV_ONLY, "lr is the experiment's default (not recorded in the CSV); 20 eval episodes per run"]),
-]}
-
-# Studies run by scripts/run_study.py to docs/STUDIES.md: one entry per cell of the plan's verdict
+# Every study is run by scripts/run_study.py to docs/STUDIES.md: one entry per cell of the plan's verdict
 # axes, each a verdict of its own, all read from the one evals.csv that scripts/aggregate.py wrote from
 # the sweep (the run dirs themselves are not committed; evals.csv keeps each run's SHA and versions).
+STUDIES: dict[str, StudySpec] = {}
 
 
 def _cells(name: str, plan: str, task: str, claim: str, metric: str, cells: list[dict], label, group: str,

@@ -4,8 +4,8 @@ Two sources give the same frames:
 - a sweep directory: every run dir under it with a ``summary.json`` (resolved config, git, versions)
   and a ``metrics.jsonl`` (one line per evaluation point), as ``run.py`` writes them;
 - a tidy ``evals.csv`` (one row per run x evaluation point, written by ``scripts/aggregate.py`` and
-  ``scripts/study.py``) with the same columns, provenance ones (git.sha, versions, ...) included. The
-  first committed studies' CSVs predate those columns; provenance then says they were not recorded.
+  ``scripts/study.py``) with the same columns, provenance ones (git.sha, versions, ...) included; a CSV
+  without them is read, and provenance then says they were not recorded.
 
 ``evals``: one row per (run, evaluation point), meta columns first. ``runs_table``: one row per run
 with ``final/<m>`` (last evaluation), ``best/<m>`` (the evaluation that is best by ``m`` itself) and,
@@ -32,19 +32,6 @@ import pandas as pd
 from dopr.analysis.stats import higher_is_better
 from dopr.records import RecordsError, read_metrics, read_summary
 
-# APConfig's settings moved from flat keys of ``opt`` to ``opt.ap.<field>``; older runs (and the
-# committed CSVs) have the flat names. New name -> old flat name, in one place.
-LEGACY_AP_KEYS = {
-    "opt.ap.damping": "opt.damping",
-    "opt.ap.ema": "opt.ap_ema",
-    "opt.ap.stat_interval": "opt.stat_interval",
-    "opt.ap.inverse_interval": "opt.inverse_interval",
-    "opt.ap.max_rows": "opt.max_rows",
-    "opt.ap.bias": "opt.bias_mode",
-    "opt.ap.warmup_steps": "opt.ap_warmup_steps",
-    "opt.ap.exclude": "opt.ap_exclude",
-    "opt.ap.solver": "opt.ap_solver",
-}
 # How many episodes (rollouts) one evaluation averages: task families name it differently.
 EVAL_EPISODE_KEYS = ("task.eval_episodes", "task.test_rollouts")
 META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed", "status", "eval_episodes",
@@ -66,20 +53,13 @@ def gp_name(opt_name: str) -> str:
 
 
 def config_value(config: dict, dotted: str):
-    """``config["opt"]["ap"]["damping"]`` for ``"opt.ap.damping"``; an AP setting falls back to its old
-    flat name (``opt.damping``) for runs made before the rename; None when absent."""
-    for key in (dotted, LEGACY_AP_KEYS.get(dotted)):
-        if key is None:
-            continue
-        node = config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                node = None
-                break
-            node = node[part]
-        if node is not None:
-            return node
-    return None
+    """``config["opt"]["ap"]["damping"]`` for ``"opt.ap.damping"``; None when absent."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 @dataclass
@@ -217,19 +197,13 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
 
 
 def read_evals_csv(path: Path, fixed: dict | None = None) -> Sweep:
-    """A tidy CSV of evaluation points (the committed studies' format). Old flat AP column names are
-    renamed to ``opt.ap.<field>``; ``fixed`` fills columns the CSV lacks but the sweep command pinned
-    (e.g. ``{"opt.lr": 3e-3}``). Older per-run tables (``opt``, ``lr`` columns, one row per run, written
-    by the removed results/gym/summarize_fig7.py) are read too."""
+    """A tidy CSV of evaluation points (the committed studies' format); ``fixed`` fills columns the CSV
+    lacks but the sweep command pinned (e.g. ``{"opt.lr": 3e-3}``)."""
     _check_csv_rows(path)
     frame = pd.read_csv(path)
-    if "opt.name" not in frame and "opt" in frame:  # summarize_fig7's final table: its "lr" is opt.lr
-        frame = frame.rename(columns={"opt": "opt.name", "lr": "opt.lr"})
-        frame["run"] = [f"{o}/lr={lr:g}/seed={s}" for o, lr, s in zip(frame["opt.name"], frame["opt.lr"], frame["seed"])]
     missing = [c for c in ("opt.name", "seed", "step") if c not in frame]
     if missing:
         raise SystemExit(f"sweep={path}: no column(s) {missing}; expected an evals.csv from scripts/aggregate.py")
-    frame = frame.rename(columns={old: new for new, old in LEGACY_AP_KEYS.items() if old in frame})
     if "run" not in frame:
         frame["run"] = [f"{o}/seed={s}" for o, s in zip(frame["opt.name"], frame["seed"])]
     for key, value in (fixed or {}).items():
