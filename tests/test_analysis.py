@@ -223,20 +223,22 @@ def test_results_table_replaces_only_the_marked_block(tmp_path):
 
 
 def test_verdict_where_keeps_one_cell_of_a_verdict_axis():
+    from dopr.analysis.results import keep_verdict_cell
+
     study = load_script("study")
     runs = pd.DataFrame({"stage": ["tune", "tune", "verdict", "verdict", "verdict"],
                          "task.noise_cond": [1e6, 1e6, 1.0, 1e6, 1e6], "seed": [0, 1, 10, 10, 11]})
     where = study.parse_where("task.noise_cond=1e6")
     assert where == {"task.noise_cond": 1e6}
-    kept = study.keep_verdict_cell(runs, where)
+    kept = keep_verdict_cell(runs, where)
     assert kept["seed"].tolist() == [0, 1, 10, 11] and (kept.loc[kept["stage"] == "verdict", "task.noise_cond"] == 1e6).all()
     # an integer setting (a registered cell, e.g. task.train_episodes=10) matches a float column too
     runs["task.train_episodes"] = [10.0, 10.0, 2.0, 10.0, 2.0]
-    assert study.keep_verdict_cell(runs, {"task.train_episodes": 10})["seed"].tolist() == [0, 1, 10]
+    assert keep_verdict_cell(runs, {"task.train_episodes": 10})["seed"].tolist() == [0, 1, 10]
     with pytest.raises(SystemExit, match="no verdict run"):
-        study.keep_verdict_cell(runs, {"task.noise_cond": 3.0})
+        keep_verdict_cell(runs, {"task.noise_cond": 3.0})
     with pytest.raises(SystemExit, match="not recorded"):
-        study.keep_verdict_cell(runs, {"task.dataset": "x"})
+        keep_verdict_cell(runs, {"task.dataset": "x"})
 
 
 def test_include_blocks_are_filled_from_the_named_file(tmp_path):
@@ -258,8 +260,6 @@ def test_committed_readmes_carry_the_current_study_tables():
 # results/ directories that hold no study, and why; every other one holds registered studies only.
 NOT_STUDIES = {
     "bench": "benchmark output (scripts/bench_optim.py, scripts/ap_accuracy.py), not a study",
-    "gym_walker2d_demos": "the tuning records of a plan stopped for lack of headroom, cited by gym_walker2d_budget's "
-                          "plan as the reason for its 300-step budget; no verdict, so no runs.csv or provenance.json",
 }
 RUN_SHA = re.compile(r"[0-9a-f]{40}( \(dirty\))?")
 
@@ -317,14 +317,14 @@ def contract_problems(study_dir: Path) -> list[str]:
 def test_every_committed_results_dir_meets_the_data_contract():
     """Each results/ dir holds registered studies, each with runs.csv and provenance.json per docs/STUDIES.md §5,
     and only those write a readme_row.json (the top README's table lists registered studies only)."""
-    from dopr.analysis.studies import STUDIES
+    from dopr.analysis.studies import studies
 
-    outs = {ROOT / spec.out for spec in STUDIES.values()}
+    outs = {ROOT / spec.out for spec in studies().values()}
     tops = {p.name for p in (ROOT / "results").iterdir() if p.is_dir()}
     assert set(NOT_STUDIES) <= tops, f"stale NOT_STUDIES entries: {set(NOT_STUDIES) - tops}"
     for top in sorted(tops - set(NOT_STUDIES)):
         assert any(out == ROOT / "results" / top or ROOT / "results" / top in out.parents for out in outs), (
-            f"results/{top} holds no study registered in dopr/analysis/studies.py")
+            f"results/{top} holds no study of a plan in configs/study (dopr/analysis/studies.py)")
     marked = {p.parent for name in ("runs.csv", "provenance.json", "readme_row.json")
               for p in (ROOT / "results").rglob(name)}
     assert marked <= outs, f"study files outside a registered study: {sorted(str(p) for p in marked - outs)}"

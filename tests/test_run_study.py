@@ -1,27 +1,38 @@
-"""scripts/run_study.py: every committed plan loads, and a run's overrides are the plan's for its stage."""
+"""Study plans (dopr/analysis/plan.py), their staging (dopr/study.py, scripts/run_study.py) and the studies
+derived from them (dopr/analysis/studies.py): every committed plan loads and builds the runs it built before,
+a run's overrides are the plan's for its stage, and a plan's claim and cells name each verdict cell's study."""
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 from script_loader import load_script
 
+import dopr.study
+from dopr.analysis import plan as study_plan
+from dopr.analysis.stats import higher_is_better
+from dopr.analysis.studies import plan_studies, studies
+
 ROOT = Path(__file__).resolve().parents[1]
 run_study = load_script("run_study")
+PLAN_NAMES = study_plan.plan_names()
 
 
-@pytest.mark.parametrize("plan", sorted(p.stem for p in (ROOT / "configs" / "study").glob("*.yaml")))
+@pytest.mark.parametrize("plan", PLAN_NAMES)
 def test_committed_plans_load(plan):
-    loaded = run_study.load_plan(plan)
+    loaded = study_plan.load_plan(plan)
     assert set(loaded["optimizers"]) <= {p.stem for p in (ROOT / "configs" / "opt").glob("*.yaml")}
-    assert run_study.verdict_cells(loaded)  # at least the tuning cell
+    assert study_plan.verdict_cells(loaded)  # at least the tuning cell
+    assert (ROOT / loaded["readme"]).is_file()
 
 
 def test_stage_overrides_reach_only_their_stage(tmp_path):
     plan = {"task": "lds", "overrides": ["trainer.steps=10"], "tune_overrides": ["task.eval_episodes=20"],
             "verdict_overrides": ["task.eval_episodes=50"], "default_damping": 1e-3}
-    tune = run_study.job(tmp_path, "tune", plan, "dopr_adamw", 0, {"opt.lr": 1e-3, "opt.ap.damping": 1e-3}, {})
-    verdict = run_study.job(tmp_path, "verdict", plan, "dopr_adamw", 10, {"opt.lr": 1e-3, "opt.ap.damping": 1e-2}, {})
+    tune = dopr.study.job(tmp_path, "tune", plan, "dopr_adamw", 0, {"opt.lr": 1e-3, "opt.ap.damping": 1e-3}, {})
+    verdict = dopr.study.job(tmp_path, "verdict", plan, "dopr_adamw", 10, {"opt.lr": 1e-3, "opt.ap.damping": 1e-2}, {})
     assert "task.eval_episodes=20" in tune.overrides and "task.eval_episodes=50" not in tune.overrides
     assert "task.eval_episodes=50" in verdict.overrides and "task.eval_episodes=20" not in verdict.overrides
     assert "trainer.steps=10" in tune.overrides and "trainer.steps=10" in verdict.overrides
@@ -31,30 +42,38 @@ def test_stage_overrides_reach_only_their_stage(tmp_path):
     assert verdict.overrides[-1] == "opt.ap.damping=0.01"
 
 
-def test_overlapping_seeds_are_refused(tmp_path, monkeypatch):
-    (tmp_path / "configs" / "study").mkdir(parents=True)
-    (tmp_path / "configs" / "study" / "bad.yaml").write_text(
-        "task: lds\noptimizers: [adamw]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0, 1]\n"
-        "verdict_seeds: [1, 2]\nmetric: test/cost_ratio\n")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
-    with pytest.raises(SystemExit, match=r"seeds \[1\] are both tuning and verdict seeds"):
-        run_study.load_plan("bad")
+PLAN = ("task: lds\nclaim: DoPr lowers the cost\nmetric: test/cost_ratio\nreadme: experiments/lds/README.md\n"
+        "optimizers: [adamw, dopr_adamw]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0]\nverdict_seeds: [10]\n")
 
 
-def _write_plan(root: Path, text: str) -> None:
-    (root / "configs" / "study").mkdir(parents=True, exist_ok=True)
-    (root / "configs" / "study" / "p.yaml").write_text(
-        "task: lds\noptimizers: [adamw, dopr_adamw, muon]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0]\n"
-        "verdict_seeds: [10]\nmetric: test/cost_ratio\n" + text)
+@pytest.fixture
+def plans(tmp_path, monkeypatch):
+    """A configs/study of one's own: write(text) puts plan p there."""
+    folder = tmp_path / "configs" / "study"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(study_plan, "PLANS", folder)
+
+    def write(text: str, name: str = "p") -> Path:
+        (folder / f"{name}.yaml").write_text(text)
+        return folder
+
+    return write
 
 
-def test_verdict_cut_runs_only_the_listed_optimizers_in_matching_cells(tmp_path, monkeypatch):
-    _write_plan(tmp_path, "verdict_axes: {task.train_episodes: [10, 2], task.noise: [0, 1]}\n"
-                          "verdict_cut: [{where: {task.train_episodes: 2}, optimizers: [adamw, dopr_adamw]}]\n")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
-    plan = run_study.load_plan("p")
-    ran = {(c["task.train_episodes"], c["task.noise"]): run_study.verdict_optimizers(plan, c)
-           for c in run_study.verdict_cells(plan)}
+def test_overlapping_seeds_are_refused(plans):
+    plans(PLAN.replace("verdict_seeds: [10]", "verdict_seeds: [0, 2]"))
+    with pytest.raises(SystemExit, match=r"seeds \[0\] are both tuning and verdict seeds"):
+        study_plan.load_plan("p")
+
+
+def test_verdict_cut_runs_only_the_listed_optimizers_in_matching_cells(plans):
+    plans(PLAN.replace("[adamw, dopr_adamw]", "[adamw, dopr_adamw, muon]")
+          + "verdict_axes: {task.train_episodes: [10, 2], task.noise: [0, 1]}\n"
+            "cell: demos{task.train_episodes}_noise{task.noise}\n"
+            "verdict_cut: [{where: {task.train_episodes: 2}, optimizers: [adamw, dopr_adamw]}]\n")
+    plan = study_plan.load_plan("p")
+    ran = {(c["task.train_episodes"], c["task.noise"]): study_plan.verdict_optimizers(plan, c)
+           for c in study_plan.verdict_cells(plan)}
     assert ran == {(10, 0): ["adamw", "dopr_adamw", "muon"], (10, 1): ["adamw", "dopr_adamw", "muon"],
                    (2, 0): ["adamw", "dopr_adamw"], (2, 1): ["adamw", "dopr_adamw"]}
 
@@ -62,24 +81,22 @@ def test_verdict_cut_runs_only_the_listed_optimizers_in_matching_cells(tmp_path,
 @pytest.mark.parametrize("cut", ["[{where: {task.noise: 0}, optimizers: [signum]}]",  # not in the plan
                                  "[{where: {task.noise: 0}}]",  # no optimizers
                                  "[{task.noise: 0, optimizers: [adamw]}]"])  # no where
-def test_a_malformed_verdict_cut_is_refused(tmp_path, monkeypatch, cut):
-    _write_plan(tmp_path, f"verdict_cut: {cut}\n")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+def test_a_malformed_verdict_cut_is_refused(plans, cut):
+    plans(PLAN + f"verdict_cut: {cut}\n")
     with pytest.raises(SystemExit, match="verdict_cut entry"):
-        run_study.load_plan("p")
+        study_plan.load_plan("p")
 
 
-def test_running_some_optimizers_keeps_the_others_choices(tmp_path, monkeypatch):
+def test_running_some_optimizers_keeps_the_others_choices(plans, tmp_path, monkeypatch):
     """optimizers=[...] tunes one GP pair; choice.json keeps what earlier runs chose for the others."""
-    _write_plan(tmp_path, "")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    plans(PLAN.replace("[adamw, dopr_adamw]", "[adamw, dopr_adamw, muon]"))
     tuned = []
 
     def fake_grid(plan, root, stage, opt, key, grid, fixed, seeds, where, jobs, extend, log):
         tuned.append((opt, key))
         return {"opt.lr": 3e-3, "opt.ap.damping": 1e-2}[key], {}
 
-    monkeypatch.setattr(run_study, "run_grid", fake_grid)
+    monkeypatch.setattr(dopr.study, "run_grid", fake_grid)
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "choice.json").write_text('{"muon": {"opt.lr": 0.01, "lr_scores": {}}}\n')
@@ -92,18 +109,13 @@ def test_running_some_optimizers_keeps_the_others_choices(tmp_path, monkeypatch)
         run_study.main(["plan=p", f"sweep_root={sweep}", "optimizers=[signum]"])
 
 
-def test_the_verdict_stage_refuses_optimizers_not_yet_tuned(tmp_path, monkeypatch):
-    _write_plan(tmp_path, "")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+def test_the_verdict_stage_refuses_optimizers_not_yet_tuned(plans, tmp_path):
+    plans(PLAN.replace("[adamw, dopr_adamw]", "[adamw, dopr_adamw, muon]"))
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "choice.json").write_text('{"adamw": {"opt.lr": 0.01}}\n')
     with pytest.raises(SystemExit, match=r"no choice for \['dopr_adamw', 'muon'\]"):
         run_study.main(["plan=p", "stage=verdict", f"sweep_root={sweep}"])
-
-
-PLAN = ("task: lds\noptimizers: [adamw, dopr_adamw]\nlrs: [1e-3]\ndampings: [1e-3]\ntune_seeds: [0]\n"
-        "verdict_seeds: [10]\nmetric: test/cost_ratio\n")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -113,23 +125,36 @@ PLAN = ("task: lds\noptimizers: [adamw, dopr_adamw]\nlrs: [1e-3]\ndampings: [1e-
     ("verdict_axes: [1, 2]", r"verdict_axes: \[1, 2\] is not of type dict\[str, list\[int \| float \| str \| bool\]\]"),
     ("overrides: trainer.steps=10", r"overrides: 'trainer.steps=10' is not of type list\[str\]"),
     ("tune_at: {task.noise: [0, 1]}", r"tune_at: .* is not of type dict\[str, int \| float \| str \| bool\]"),
+    ("notes: one note", r"notes: 'one note' is not of type list\[str\]"),
+    # a cell's study needs a name of its own, and every {key} in the plan's text must be a verdict axis
+    ("verdict_axes: {task.noise: [0, 1]}", r"cell: '' must name every verdict axis \(task.noise\)"),
+    ("verdict_axes: {task.noise: [0, 1]}\ncell: noise{task.nois}",
+     r"cell: \{task.nois\} is not one of the verdict_axes"),
+    ("verdict_axes: {task.noise: [0, 1]}\ncell: noise{task.noise}\nvalue_labels: {task.noise: {2: {cell: two}}}",
+     r"value_labels: task.noise: 2: .* must label one of \[0, 1\]"),
+    ("verdict_axes: {task.noise: [0, 1]}\ncell: noise{task.noise}\nvalue_labels: {task.noise: {1: {name: one}}}",
+     r"value_labels: task.noise: 1: \{'name': 'one'\} must label one of \[0, 1\] for cell and/or claim"),
+    ("verdict_axes: {task.noise: [0, 1]}\ncell: noise{task.noise}\nvalue_labels: {task.noise: {1: {cell: 1e0}}}",
+     r"value_labels: .* is not of type dict\[str, dict\[int \| float \| str \| bool, dict\[str, str\]\]\]"),
 ])
-def test_a_plan_key_that_is_unknown_or_of_the_wrong_type_is_refused(tmp_path, monkeypatch, line, message):
+def test_a_plan_key_that_is_unknown_or_of_the_wrong_type_is_refused(plans, line, message):
     """A typo'd optional key would otherwise be ignored (verdict_axis: 2 verdict runs instead of 4)."""
-    (tmp_path / "configs" / "study").mkdir(parents=True)
-    (tmp_path / "configs" / "study" / "p.yaml").write_text(PLAN + line + "\n")
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+    plans(PLAN + line + "\n")
     with pytest.raises(SystemExit, match=rf"configs/study/p\.yaml: {message}"):
-        run_study.load_plan("p")
+        study_plan.load_plan("p")
 
 
 @pytest.mark.parametrize("lrs", ["1e-3", "[1e-3, fast]"])
-def test_a_required_list_given_wrongly_is_refused(tmp_path, monkeypatch, lrs):
-    (tmp_path / "configs" / "study").mkdir(parents=True)
-    (tmp_path / "configs" / "study" / "p.yaml").write_text(PLAN.replace("lrs: [1e-3]", f"lrs: {lrs}"))
-    monkeypatch.setattr(run_study, "ROOT", tmp_path)
+def test_a_required_list_given_wrongly_is_refused(plans, lrs):
+    plans(PLAN.replace("lrs: [1e-3]", f"lrs: {lrs}"))
     with pytest.raises(SystemExit, match=r"configs/study/p\.yaml: lrs: .* is not of type list\[float\]"):
-        run_study.load_plan("p")
+        study_plan.load_plan("p")
+
+
+def test_a_plan_without_its_claim_is_refused(plans):
+    plans(PLAN.replace("claim: DoPr lowers the cost\n", ""))
+    with pytest.raises(SystemExit, match=r"configs/study/p\.yaml lacks \['claim'\]"):
+        study_plan.load_plan("p")
 
 
 def test_score_names_a_damaged_metrics_file(tmp_path):
@@ -138,4 +163,113 @@ def test_score_names_a_damaged_metrics_file(tmp_path):
     (run_dir / "metrics.jsonl").write_text('{"step": 10, "val/loss": 1.0, "test/cost_ratio": 2.0}\n{"step": 20, "val')
     summary = {"headline_metric": "test/cost_ratio", "higher_is_better": False}
     with pytest.raises(SystemExit, match=rf"{run_dir / 'metrics.jsonl'}, line 2: not a JSON record"):
-        run_study.score([run_study.Job(run_dir, ())], [summary], "test/cost_ratio")
+        dopr.study.score([dopr.study.Job(run_dir, ())], [summary], "test/cost_ratio")
+
+
+def test_each_verdict_cell_is_a_study_named_and_claimed_from_the_plan(plans):
+    """A plan's verdict cells become studies: results/<plan>/<cell>, the claim's {key} written as value_labels
+    says (else as the value), the settings in key order, all read from the plan's one evals.csv."""
+    plans(PLAN.replace("claim: DoPr lowers the cost", "claim: DoPr lowers the cost at noise {task.noise_cond} "
+                                                      "({task.train_episodes} demos)")
+          + "verdict_axes: {task.train_episodes: [10, 2], task.noise_cond: [1.0, 1e2]}\n"
+            "cell: cond{task.noise_cond}_demos{task.train_episodes}\n"
+            "value_labels: {task.noise_cond: {1.0: {cell: '1e0', claim: '1'}, 1e2: {cell: '1e2'}}}\n"
+            "secondary: [test/x]\nnotes: [tuned at 1e2]\n", "q")
+    specs = plan_studies("q", study_plan.load_plan("q"))
+    assert [(s.name, s.out, s.claim) for s in specs] == [
+        ("q_cond1e0_demos10", "results/q/cond1e0_demos10", "DoPr lowers the cost at noise 1 (10 demos)"),
+        ("q_cond1e2_demos10", "results/q/cond1e2_demos10", "DoPr lowers the cost at noise 100.0 (10 demos)"),
+        ("q_cond1e0_demos2", "results/q/cond1e0_demos2", "DoPr lowers the cost at noise 1 (2 demos)"),
+        ("q_cond1e2_demos2", "results/q/cond1e2_demos2", "DoPr lowers the cost at noise 100.0 (2 demos)")]
+    first = specs[0]
+    assert list(first.verdict_where.items()) == [("task.noise_cond", 1.0), ("task.train_episodes", 10)]
+    assert first.sweep == ["results/q/evals.csv"] and first.readme == "experiments/lds/README.md"
+    assert first.commands == ["python scripts/run_study.py plan=q",
+                              "python scripts/aggregate.py sweep=multirun/q out=results/q "
+                              "group=opt.name,opt.lr,opt.ap.damping,task.noise_cond,task.train_episodes"]
+    assert (first.tune_seeds, first.verdict_seeds) == ([0], [10])
+    assert (first.secondary, first.notes) == (["test/x"], ["tuned at 1e2"])
+    assert first.predictors == ["val/loss"] and first.task == "lds" and first.metric == "test/cost_ratio"
+
+
+def test_a_plan_without_verdict_axes_is_one_study_under_its_own_name(plans):
+    folder = plans(PLAN)
+    assert [(s.name, s.out, s.claim, s.verdict_where) for s in studies(folder).values()] == [
+        ("p", "results/p", "DoPr lowers the cost", {})]
+
+
+def test_every_committed_plan_is_a_registered_study():
+    names = {spec.out.split("/")[1] for spec in studies().values()}
+    assert names == set(PLAN_NAMES)
+
+
+# The runs and choices of every committed plan as scripts/run_study.py built them before its staging moved into
+# dopr/study.py (recorded from that code, commit c78985b): (runs, a digest of every run's dir and overrides in
+# order and of the settings choice.json holds), for the whole plan and then for its last GP pair alone beside
+# earlier choices.
+# The runs are faked (staged_runs), each optimizer's best lr and damping below, inside or above its grid, so
+# that grids are extended both ways up to ``extend`` times. A change here changes what a study runs.
+EXPECTED_RUNS = {
+    "flow_2d_checkerboard": (146, "378dde3628025fdd"),
+    "flow_digits_unet": (92, "282e26cbbe823b1e"),
+    "gym_hopper_noise": (460, "4b9056101cd4b8b3"),
+    "gym_walker2d_budget": (348, "9e5f1342c6fe075d"),
+    "lds_anisotropy": (408, "4eecd97404299017"),
+    "lm_arith_len45": (195, "9c5352d6833c6beb"),
+    "robomimic_lift_3demos": (92, "99fab0dd1568301c"),
+}
+
+
+def staged_runs(main, set_run_jobs, plan: dict, name: str, root: Path) -> dict:
+    """What ``main`` (a run_study main) runs for plan ``name`` and what it chooses, with the runner faked
+    (``set_run_jobs(fake)`` puts it in place): each optimizer's best setting is below, inside or above its
+    grid (by its index in the plan)."""
+    metric, optimizers, higher = plan["metric"], plan["optimizers"], higher_is_better(plan["metric"])
+    result = {}
+    for variant, extra in [("all", []), ("pair", [f"optimizers=[{','.join(optimizers[-2:])}]"])]:
+        sweep, calls = root / variant, []
+        sweep.mkdir(parents=True)
+        if variant == "pair":  # the others' choices, from an earlier run, are kept
+            earlier = {o: {"opt.lr": 0.5, **({"opt.ap.damping": 0.25} if o.startswith("dopr_") else {})}
+                       for o in optimizers[:-2]}
+            (sweep / "choice.json").write_text(json.dumps(earlier))
+
+        def run_jobs(jobs, n, on_done=None):
+            calls.append([[str(j.run_dir.relative_to(sweep)), list(j.overrides)] for j in jobs])
+            summaries = []
+            for j in jobs:
+                setting = dict(o.split("=", 1) for o in j.overrides)
+                index = optimizers.index(setting["opt"])
+                lr, damping = float(setting["opt.lr"]), float(setting.get("opt.ap.damping", plan["default_damping"]))
+                best_lr = [1e-9, plan["lrs"][2], 1e3][index % 3]
+                best_damping = [1e3, plan["dampings"][2], 1e-9][index % 3]
+                closeness = (-abs(math.log10(lr / best_lr)) - abs(math.log10(damping / best_damping))
+                             + 0.01 * int(setting["seed"]))
+                score = math.exp(closeness if higher else -closeness)
+                if index == 0 and setting["seed"] == "0" and lr == plan["lrs"][0]:
+                    score = math.nan  # a missing value is skipped, not a zero
+                j.run_dir.mkdir(parents=True, exist_ok=True)
+                records = [{"step": 1, "val/loss": 1.0, metric: score / 2}, {"step": 2, "val/loss": 0.5, metric: score}]
+                (j.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+                summaries.append({"status": "finished", "headline_metric": metric, "higher_is_better": None,
+                                  "last": {"step": 2, metric: score}})
+            return summaries
+
+        set_run_jobs(run_jobs)
+        main([f"plan={name}", f"sweep_root={sweep}", *extra])
+        choice = json.loads((sweep / "choice.json").read_text())  # its scores' last digits are the machine's
+        result[variant] = {"runs": calls, "choice": {o: {k: v for k, v in c.items() if k in dopr.study.CHOSEN}
+                                                     for o, c in choice.items()}}
+    return result
+
+
+def digest(result: dict) -> tuple[int, str]:
+    runs = sum(len(call) for variant in result.values() for call in variant["runs"])
+    return runs, hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", PLAN_NAMES)
+def test_every_committed_plan_runs_what_it_ran_before(name, tmp_path, monkeypatch):
+    result = staged_runs(run_study.main, lambda fake: monkeypatch.setattr(dopr.study, "run_jobs", fake),
+                         study_plan.load_plan(name), name, tmp_path)
+    assert digest(result) == EXPECTED_RUNS[name]
