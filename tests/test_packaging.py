@@ -7,8 +7,8 @@ The wheel is built from a copy of the sources (nothing is written into the repos
 - ``dopr.optim`` is imported from the wheel and every optimizer takes a step in a subprocess where only
   the standard library and the distributions that the core requirements bring are importable (a
   sys.meta_path blocker: Hydra, gymnasium, transformers, pandas, wandb, pytorch-optimizer... are not
-  there), which is what a fresh venv's ``pip install .`` has; Signum, whose base is pytorch-optimizer
-  (the ``signum`` extra), says so and names the extra;
+  there), which is what a fresh venv's ``pip install .`` has; Signum, SOAP and PSGD-Kron, which are
+  pytorch-optimizer's (the ``optimizers`` extra), say so and name the extra;
 - (slow) a real fresh venv: ``pip install <wheel> torch==<this torch>`` installs nothing but torch's own
   requirements, and the optimizer works there. 34 s alone, 110 s inside a
   busy make test, on 2 cores with the torch wheel on local disk; it needs the package index (or pip's
@@ -143,15 +143,16 @@ from torch import nn
 import dopr
 import dopr.optim
 from dopr.optim import KNOWN_OPTIMIZERS, build_optimizer
+from dopr.optim.build import PYTORCH_OPTIMIZER_GPS
 
 assert site is None or dopr.__file__.startswith(site), dopr.__file__
 stepped, need_extra = [], []
 for name in KNOWN_OPTIMIZERS:
-    if "signum" in name and importlib.util.find_spec("pytorch_optimizer") is None:
+    if name.removeprefix("dopr_") in PYTORCH_OPTIMIZER_GPS and importlib.util.find_spec("pytorch_optimizer") is None:
         try:
             build_optimizer(nn.Linear(2, 2), name)
         except ImportError as error:
-            assert "dopr[signum]" in str(error), str(error)
+            assert "dopr[optimizers]" in str(error), str(error)
             need_extra.append(name)
             continue
         raise AssertionError(f"{name} was built without pytorch-optimizer")
@@ -250,7 +251,8 @@ def test_optimizer_runs_with_only_core_requirements(wheel, tmp_path):
     result = core_import_check(wheel, tmp_path)
     assert result["version"] == wheel_metadata(wheel)["Version"]
     assert {"dopr_adamw", "dopr_muon", "dopr_adamuon"} <= set(result["optimizers"])
-    assert set(result["need_extra"]) == {"signum", "dopr_signum"}  # each refused, naming dopr[signum]
+    # each refused, naming dopr[optimizers]
+    assert set(result["need_extra"]) == {"signum", "dopr_signum", "soap", "dopr_soap", "kron", "dopr_kron"}
     if result["canary"] is not None:  # the research stack is installed here; the blocker must hide it
         assert result["canary_blocked"], f"{result['canary']} was importable: the blocker does not block"
     assert not set(result["loaded"]) & set(RESEARCH_MODULES), result["loaded"]

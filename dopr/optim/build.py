@@ -13,7 +13,9 @@ from dopr.optim.dopr import DoPr
 from dopr.optim.gp import AdaMuon, Muon, route_params
 from dopr.optim.preconditioner import ActivationPreconditioner
 
-GP_NAMES = ("adamw", "muon", "signum", "adamuon")
+GP_NAMES = ("adamw", "muon", "signum", "adamuon", "sgd", "soap", "kron")
+# GPs that are pytorch-optimizer's classes (the optimizers extra): imported only when built.
+PYTORCH_OPTIMIZER_GPS = {"signum": "SignSGD", "soap": "SOAP", "kron": "Kron"}
 ALIASES = {"adam": "adamw", "dopr_adam": "dopr_adamw"}
 KNOWN_OPTIMIZERS = tuple(GP_NAMES) + tuple(f"dopr_{n}" for n in GP_NAMES) + tuple(ALIASES)
 
@@ -26,14 +28,39 @@ def _adamw(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
 
 
-def _signum(params, lr, weight_decay, momentum=0.9):
+def _pytorch_optimizer(gp: str):
+    """pytorch-optimizer's class for ``gp``; the core install (pip install dopr) brings torch alone."""
     try:
-        from pytorch_optimizer import SignSGD
-    except ImportError:  # the core install (pip install dopr) brings torch alone
-        raise ImportError("signum and dopr_signum are pytorch-optimizer's SignSGD with momentum, which the core "
-                          "install leaves out: pip install 'dopr[signum]' (or pip install pytorch-optimizer)") from None
+        import pytorch_optimizer
+    except ImportError:
+        raise ImportError(f"{gp} and dopr_{gp} are pytorch-optimizer's {PYTORCH_OPTIMIZER_GPS[gp]}, which the core "
+                          f"install leaves out: pip install 'dopr[optimizers]' (or pip install pytorch-optimizer)") from None
+    return getattr(pytorch_optimizer, PYTORCH_OPTIMIZER_GPS[gp])
 
-    return SignSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, weight_decouple=True)
+
+def _signum(params, lr, weight_decay, momentum=0.9):
+    return _pytorch_optimizer("signum")(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                        weight_decouple=True)
+
+
+def _sgd(params, lr, weight_decay, momentum=0.9, nesterov=False):
+    """torch's SGD with momentum: with AP, DoPr without a gradient preconditioner (the paper's claim that
+    the GP is needed is dopr_sgd against dopr_adamw). Its weight decay is torch's, added to the gradient."""
+    import torch
+
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def _soap(params, lr, weight_decay, betas=(0.95, 0.95), precondition_frequency=10, eps=1e-8):
+    """SOAP (Vyas et al. 2024): Adam in Shampoo's eigenbasis; pytorch-optimizer's defaults."""
+    return _pytorch_optimizer("soap")(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      precondition_frequency=precondition_frequency, eps=eps)
+
+
+def _kron(params, lr, weight_decay, momentum=0.9):
+    """PSGD-Kron (Li 2015; pytorch-optimizer's port): its own preconditioner-update schedule."""
+    return _pytorch_optimizer("kron")(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      weight_decouple=True)
 
 
 def _muon(params, lr, weight_decay, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype="auto"):
@@ -45,7 +72,8 @@ def _adamuon(params, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, ns_steps=5, 
     return AdaMuon(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 
-_FACTORIES = {"adamw": _adamw, "signum": _signum, "muon": _muon, "adamuon": _adamuon}
+_FACTORIES = {"adamw": _adamw, "signum": _signum, "muon": _muon, "adamuon": _adamuon, "sgd": _sgd, "soap": _soap,
+              "kron": _kron}
 _MATRIX_GPS = {"muon", "adamuon"}
 _SIDE_KEYS = ("adamw_lr", "adamw_weight_decay", "adamw_betas", "io_to_adamw")
 
@@ -80,6 +108,7 @@ _HPARAMS = {
     "momentum": (lambda v: is_number(v) and 0 <= v < 1, float, "a number in [0, 1), e.g. 0.95"),
     "nesterov": _FLAG,
     "ns_steps": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 5"),
+    "precondition_frequency": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 10"),
     "ns_dtype": (lambda v: v in ("auto", "bfloat16", "float32", "float64"), _same,
                  "one of auto, bfloat16, float32, float64"),
     "adamw_lr": _LR,

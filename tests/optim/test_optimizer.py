@@ -133,7 +133,9 @@ def test_every_optimizer_trains_and_round_trips_state(name):
         (model(x) - y).pow(2).mean().backward()
         opt.step()
         sched.step()
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    # the RNG too, as the trainer's checkpoints do: PSGD-Kron draws its preconditioner updates from it
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "rng": torch.get_rng_state()})
     train_rest = lambda m, o, s: [  # noqa: E731
         (o.zero_grad(), (m(x) - y).pow(2).mean().backward(), o.step(), s.step()) for x, y in data[6:]
     ]
@@ -144,6 +146,7 @@ def test_every_optimizer_trains_and_round_trips_state(name):
     sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=12)
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
+    torch.set_rng_state(saved["rng"])
     train_rest(resumed, opt2, sched2)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
