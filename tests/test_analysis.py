@@ -260,6 +260,7 @@ def test_committed_readmes_carry_the_current_study_tables():
 # results/ directories that hold no study, and why; every other one holds registered studies only.
 NOT_STUDIES = {
     "bench": "benchmark output (scripts/bench_optim.py, scripts/ap_accuracy.py), not a study",
+    "gpu_check": "the GPU check's reports (scripts/gpu_check.sh), not a study",
 }
 RUN_SHA = re.compile(r"[0-9a-f]{40}( \(dirty\))?")
 
