@@ -34,9 +34,6 @@ import dataclasses
 import sys
 from typing import Sequence, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import PathNode, StringNode
 
 HELP_WORDS = ("help", "-h", "--help")
 FLAG_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -66,7 +63,11 @@ def parse_script_args_and_overrides(argv: Sequence[str], schema: type[Schema],
     return _parse(argv, schema, usage, pass_dotted=True)
 
 
-def _parse(argv: Sequence[str], schema: type, usage: str | None, pass_dotted: bool) -> tuple[object, list[str]]:
+def split_key_values(argv: Sequence[str], known: Sequence[str], usage: str | None,
+                     pass_dotted: bool = False) -> tuple[dict[str, str], list[str]]:
+    """The key=value text of ``argv`` as ``{key: value}`` (and, with ``pass_dotted``, the dotted keys in
+    order as Hydra overrides), with this module's help and error rules. Standard library only, so a
+    script that runs before its packages are installed (scripts/gpu_check.py) uses the same rules."""
     usage = (usage or "").strip()
 
     def fail(message: str):
@@ -76,7 +77,6 @@ def _parse(argv: Sequence[str], schema: type, usage: str | None, pass_dotted: bo
     if any(arg in HELP_WORDS for arg in argv):
         print(usage)
         raise SystemExit(0)
-    fields = {field.name: field for field in dataclasses.fields(schema)}
     given: dict[str, str] = {}
     overrides: list[str] = []
     for arg in argv:
@@ -85,16 +85,30 @@ def _parse(argv: Sequence[str], schema: type, usage: str | None, pass_dotted: bo
             fail(f"argument {arg!r} is not key=value")
         if key in given:
             fail(f"key {key!r} given twice ({key}={given[key]} and {arg})")
-        if key not in fields and not (pass_dotted and "." in key):
+        if key not in known and not (pass_dotted and "." in key):
             extra = "; or any dotted key (trainer.steps=..., opt.lr=...), passed to run.py" if pass_dotted else ""
-            fail(f"unknown key {key!r}; known keys: {', '.join(fields)}{extra}")
+            fail(f"unknown key {key!r}; known keys: {', '.join(known)}{extra}")
         given[key] = value
-        if key not in fields:
+        if key not in known:
             overrides.append(arg)
+    return {k: v for k, v in given.items() if k in known}, overrides
+
+
+def _parse(argv: Sequence[str], schema: type, usage: str | None, pass_dotted: bool) -> tuple[object, list[str]]:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.nodes import PathNode, StringNode
+
+    usage = (usage or "").strip()
+
+    def fail(message: str):
+        sys.stderr.write(f"{usage}\n\nerror: {message}\n")
+        raise ScriptArgsError(message)
+
+    fields = {field.name: field for field in dataclasses.fields(schema)}
+    given, overrides = split_key_values(argv, list(fields), usage, pass_dotted)
     merged = OmegaConf.structured(schema)
     for key, value in given.items():  # one at a time, so a bad value is reported with its own key
-        if key not in fields:
-            continue
         node = merged._get_node(key)
         try:
             if isinstance(node, (StringNode, PathNode)):  # text as written, not YAML (1e2 would become 100.0)

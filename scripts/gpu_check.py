@@ -60,6 +60,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dopr.cli import split_key_values  # noqa: E402  (dopr.cli needs nothing installed for this)
+
 PARTS = ("install", "tests", "bench", "tasks")
 # Seconds each part may take at most (the budget caps them too); a task run at most RUN_LIMIT.
 PART_LIMITS = {"full": {"install": 60, "tests": 75, "bench": 150, "tasks": 210},
@@ -657,37 +661,13 @@ def _list(value: str | None) -> list[str]:
 KEYS = ("device", "size", "steps", "tasks", "parts", "jobs", "budget", "limits", "wheels", "gl", "out", "work", "tag")
 
 
-def parse_key_values(argv: list[str], usage: str) -> dict[str, str]:
-    """dopr.cli's key=value rules and messages (help: exit 0; anything wrong: usage, error, exit 2),
-    in the standard library alone: this runs before the carried wheels (omegaconf) are installed."""
-    usage = usage.strip()
-    if any(arg in ("help", "-h", "--help") for arg in argv):
-        print(usage)
-        raise SystemExit(0)
-
-    def fail(message: str):
-        sys.stderr.write(f"{usage}\n\nerror: {message}\n")
-        raise SystemExit(2)
-
-    given: dict[str, str] = {}
-    for arg in argv:
-        key, equals, value = arg.partition("=")
-        if not equals or not key:
-            fail(f"argument {arg!r} is not key=value")
-        if key in given:
-            fail(f"key {key!r} given twice ({key}={given[key]} and {arg})")
-        if key not in KEYS:
-            fail(f"unknown key {key!r}; known keys: {', '.join(KEYS)}")
-        given[key] = value
-    return given
-
-
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_train"]:  # one instrumented run.py, started by the tasks part
         split = argv.index("--")
         opts = dict(a.split("=", 1) for a in argv[1:split])
         train_child(Path(opts["timing"]), argv[split + 1:])
-    raise SystemExit(Check(parse_key_values(argv, __doc__)).run())
+    given, _ = split_key_values(argv, KEYS, __doc__)  # dopr.cli's rules, standard library only
+    raise SystemExit(Check(given).run())
 
 
 if __name__ == "__main__":
