@@ -8,7 +8,9 @@ metric and by val loss), headline.{csv,md} (each GP vs DoPr at their chosen sett
 observations.{csv,md} (the paper's three Fig. 7 observations with verdict words), decoupling.{csv,md}
 (Spearman over each optimizer's runs), arms.{csv,md} (Spearman across optimizers of their seed means: does the
 arm that fits better deploy better), val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables)
-and readme_row.{json,md} (for scripts/results_table.py).
+and readme_row.{json,md} (for scripts/results_table.py); decomposition.{csv,md} (docs/STUDIES.md §3b: speed,
+matched loss, converged or budget-limited, equal compute; dopr.analysis.decomposition) when the study has
+verdict-stage DoPr/base pairs and evals.csv's evaluation points.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dopr.analysis import report
+from dopr.analysis import decomposition, report
 from dopr.analysis.stats import higher_is_better
 from dopr.analysis.studies import StudySpec
 from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
@@ -147,6 +149,10 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     (out / "readme_row.json").write_text(json.dumps(row, indent=2) + "\n")
     (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "
                                        f"{row['seeds']} |\n")
+    parts = decomposition.decompose(sweep.evals, runs, choice, settings, metric, better)
+    if parts:  # §3b, for the verdict pairs; a study without verdict seeds has nothing to decompose
+        decomposition.decomposition_rows(parts).to_csv(out / "decomposition.csv", index=False)
+        (out / "decomposition.md").write_text(decomposition.decomposition_table(parts))
     print("\n".join(study_md))
     print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")

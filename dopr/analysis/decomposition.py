@@ -1,0 +1,578 @@
+"""docs/STUDIES.md §3b, "Faster, or better?": for every DoPr/base pair of a study's verdict, four questions
+answered from the evaluation points (evals.csv), paired by seed.
+
+1. **Speed** (``speed``): the first step, and the wall-clock seconds, at which DoPr's val/loss reaches the
+   base's best val/loss, and the base reaches DoPr's best. Between two evaluations the crossing is found by
+   linear interpolation of log val/loss against step (and against wall_time for the seconds); a run already
+   below the target at its first evaluation reached it "at or before" that step (``censored``); a run that
+   never gets there gives None. Summary: median over the seeds that reached it, and how many did.
+2. **Matched loss** (``matched_loss``): per seed, the test metric of both arms at one val/loss level both runs
+   reach: the larger of the two runs' best val/loss (``matched_level``). Each run's metric there is read where
+   its val/loss first reaches that level, linearly interpolated in log loss between the two checkpoints around
+   the crossing (for the run whose best it is: its best-val checkpoint itself). When one run's lowest val/loss
+   is above the other's highest, the ranges do not overlap and the seed has no matched value (said, not
+   filled). DoPr − base paired by seed with a 95% interval (``stats.paired_difference``). The same at matched
+   train-set loss, from the first column of ``TRAIN_SET_COLUMNS`` the records carry.
+   ``pooled_matched_loss``: every checkpoint of every run of both optimizers over the learning-rate grid (tuning
+   and verdict runs), binned in log val/loss over the range both arms cover (``POOLED_BINS`` equal-width bins);
+   per shared bin the difference of the arms' mean metric, averaged over shared bins weighted by their
+   checkpoint count; a 95% percentile bootstrap over runs (each arm's runs resampled with replacement,
+   ``RESAMPLES`` times, seeded). The checkpoints outside the shared range are counted and reported.
+3. **Converged or budget-limited** (``convergence``): per base run, the relative change of val/loss from the
+   evaluation nearest 75% of its last step to its last evaluation. A run with fewer than 2 evaluations at or
+   after 75% of its last step has "too few evaluations" to tell a plateau. The cell is "converged" only when
+   every base run has enough evaluations and changed by less than ``PLATEAU_FRACTION``; otherwise it is
+   "budget-limited" (§3b: a verdict not shown to be converged is budget-limited), with the reason.
+4. **Equal compute** (``equal_compute``): seconds per step are a run's last wall_time over its last step
+   (evaluation time included, as wall_time counts it). Where DoPr's mean over seeds exceeds the base's, DoPr's
+   final metric is compared with the base's metric at the wall_time equal to DoPr's total (linear in wall_time
+   between the base's evaluations), paired by seed; a base run that stopped before that wall_time gives None
+   ("base budget too short; rerun the base with more steps"). Where DoPr's step is not costlier, the
+   fixed-budget verdict already is the equal-compute one.
+
+``decomposition_table`` writes one markdown row per pair and ``decompose`` runs the four over a study's
+verdict pairs (the base and DoPr at their chosen settings, as ``report.headline_comparison`` pairs them).
+Wall-clock numbers are only comparable between runs made on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dopr.analysis.stats import Interval, PairedResult, _percentile_interval, is_log_scale, paired_difference
+
+LOSS = "val/loss"
+# §3b: "at least 8 evaluation points per run, so that these curves exist"; fewer is said in every table.
+MIN_EVALUATIONS = 8
+# The plateau rule: the base's val/loss moved by less than 5% of its value over the last quarter of training.
+# 5% is about the spread of final val/loss between seeds of one setting in the committed studies, so a smaller
+# change is not distinguishable from the end of training; a larger one means more steps would still help.
+PLATEAU_FRACTION = 0.05
+LAST_QUARTER = 0.75  # the plateau is measured from the evaluation nearest this fraction of the last step
+# Train-set loss, in order of preference: the gym tasks' full pass over the training set, else the training
+# minibatch loss logged at each evaluation.
+TRAIN_SET_COLUMNS = ("val/train_set_loss", "train/loss")
+POOLED_BINS = 8  # equal-width bins of log val/loss over the range both arms cover
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+# ---------------------------------------------------------------- one run's curve
+
+
+def curve(points: pd.DataFrame, columns) -> pd.DataFrame:
+    """One run's evaluation points in step order, only the columns asked for (and step, wall_time)."""
+    keep = ["step"] + [c for c in ["wall_time", *columns] if c in points and c != "step"]
+    return points.sort_values("step")[list(dict.fromkeys(keep))].reset_index(drop=True)
+
+
+def _positive(values) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    return np.where(x > 0, x, np.nan)
+
+
+@dataclass
+class Crossing:
+    """Where a run's loss first reaches a target: step and wall-clock seconds, and whether the run was already
+    there at its first evaluation (then the true crossing is at or before that step)."""
+
+    step: float
+    seconds: float
+    censored: bool = False
+
+
+def first_reach(run: pd.DataFrame, target: float, loss: str = LOSS) -> Crossing | None:
+    """The first point at which ``run``'s ``loss`` is at or below ``target``, linearly interpolated in log loss
+    between the evaluation before and the one at the crossing; None when the run never gets there."""
+    if not math.isfinite(target) or target <= 0:
+        return None
+    v = np.log(_positive(run[loss]))
+    steps = run["step"].to_numpy(dtype=float)
+    times = run["wall_time"].to_numpy(dtype=float) if "wall_time" in run else np.full(len(run), math.nan)
+    goal = math.log(target)
+    hit = np.flatnonzero(v <= goal + 1e-12)
+    if not len(hit):
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return Crossing(steps[0], times[0], censored=True)
+    before = i - 1
+    while before > 0 and np.isnan(v[before]):
+        before -= 1
+    if np.isnan(v[before]):
+        return Crossing(steps[i], times[i], censored=True)
+    frac = (v[before] - goal) / (v[before] - v[i]) if v[before] != v[i] else 1.0
+    return Crossing(steps[before] + frac * (steps[i] - steps[before]),
+                    times[before] + frac * (times[i] - times[before]))
+
+
+def value_at_level(run: pd.DataFrame, level: float, metric: str, loss: str = LOSS) -> float:
+    """``metric`` where ``run``'s ``loss`` first reaches ``level``: linear in log loss between the checkpoint
+    before the crossing and the one at it; NaN when the run never gets there (or starts below it: then no
+    checkpoint brackets the level)."""
+    v = np.log(_positive(run[loss]))
+    m = run[metric].to_numpy(dtype=float)
+    goal = math.log(level)
+    hit = np.flatnonzero(v <= goal + 1e-12)
+    if not len(hit):
+        return math.nan
+    i = int(hit[0])
+    if abs(v[i] - goal) <= 1e-12:
+        return float(m[i])
+    if i == 0:
+        return math.nan
+    frac = (v[i - 1] - goal) / (v[i - 1] - v[i])
+    return float(m[i - 1] + frac * (m[i] - m[i - 1]))
+
+
+def matched_level(a: pd.DataFrame, b: pd.DataFrame, loss: str = LOSS) -> tuple[float, str]:
+    """(the loss both runs reach, "") or (NaN, why not): the larger of the two runs' best loss, provided each
+    run's range of loss along its checkpoints contains it (the ranges overlap)."""
+    la, lb = _positive(a[loss]), _positive(b[loss])
+    if np.isnan(la).all() or np.isnan(lb).all():
+        return math.nan, f"no {loss} recorded"
+    level = max(np.nanmin(la), np.nanmin(lb))
+    if level > np.nanmax(la) or level > np.nanmax(lb):
+        high, low = ("DoPr", "base") if np.nanmin(la) > np.nanmax(lb) else ("base", "DoPr")
+        return math.nan, (f"{loss} ranges do not overlap: {low}'s highest {np.nanmax(lb if low == 'base' else la):.3g} "
+                          f"is below {high}'s lowest {np.nanmin(la if high == 'DoPr' else lb):.3g}")
+    return float(level), ""
+
+
+def relative_change(run: pd.DataFrame, loss: str = LOSS) -> tuple[float, int]:
+    """(relative change of ``loss`` from the evaluation nearest ``LAST_QUARTER`` of the last step to the last
+    evaluation, how many evaluations lie at or after ``LAST_QUARTER`` of the last step)."""
+    run = run[np.isfinite(run[loss].to_numpy(dtype=float))]
+    if len(run) < 2:
+        return math.nan, len(run)
+    steps = run["step"].to_numpy(dtype=float)
+    last = steps[-1]
+    mark = LAST_QUARTER * last
+    start = int(np.argmin(np.abs(steps[:-1] - mark)))  # nearest earlier evaluation (never the last itself)
+    v = run[loss].to_numpy(dtype=float)
+    change = (v[-1] - v[start]) / abs(v[start]) if v[start] != 0 else math.nan
+    return float(change), int((steps >= mark - 1e-9).sum())
+
+
+def value_at_time(run: pd.DataFrame, seconds: float, metric: str) -> float:
+    """``metric`` at wall_time ``seconds``, linear in wall_time between evaluations; NaN past the run's end."""
+    if "wall_time" not in run:
+        return math.nan
+    t = run["wall_time"].to_numpy(dtype=float)
+    m = run[metric].to_numpy(dtype=float)
+    if not len(t) or seconds > t[-1] + 1e-9:
+        return math.nan
+    if seconds <= t[0]:
+        return float(m[0]) if abs(seconds - t[0]) < 1e-9 else math.nan
+    return float(np.interp(seconds, t, m))
+
+
+def seconds_per_step(run: pd.DataFrame) -> float:
+    """The run's last wall_time over its last step (NaN without wall_time)."""
+    if "wall_time" not in run or not len(run):
+        return math.nan
+    last = run.iloc[-1]
+    return float(last["wall_time"]) / float(last["step"]) if float(last["step"]) > 0 else math.nan
+
+
+# ---------------------------------------------------------------- one pair: seed -> run curve per arm
+
+
+def _median(values) -> float:
+    x = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(x)) if x else math.nan
+
+
+def _mean(values) -> float:
+    x = [v for v in values if math.isfinite(v)]
+    return float(np.mean(x)) if x else math.nan
+
+
+def speed(dopr: dict, base: dict) -> dict:
+    """Part 1. ``dopr``/``base``: seed -> run curve. Per seed and summary (see the module docstring)."""
+    seeds = sorted(set(dopr) & set(base))
+    rows = []
+    for s in seeds:
+        d_best, b_best = np.nanmin(_positive(dopr[s][LOSS])), np.nanmin(_positive(base[s][LOSS]))
+        d, b = first_reach(dopr[s], b_best), first_reach(base[s], d_best)
+        b_own = first_reach(base[s], b_best)
+        rows.append({"seed": s, "dopr_to_base_best_step": d.step if d else None,
+                     "dopr_to_base_best_s": d.seconds if d else None, "dopr_censored": bool(d and d.censored),
+                     "base_to_dopr_best_step": b.step if b else None,
+                     "base_to_dopr_best_s": b.seconds if b else None, "base_censored": bool(b and b.censored),
+                     "base_best_step": b_own.step if b_own else None})
+    reached_d = [r for r in rows if r["dopr_to_base_best_step"] is not None]
+    reached_b = [r for r in rows if r["base_to_dopr_best_step"] is not None]
+    return {"seeds": rows, "n": len(rows),
+            "dopr_reached": len(reached_d), "dopr_step_median": _median(r["dopr_to_base_best_step"] for r in reached_d),
+            "dopr_s_median": _median(r["dopr_to_base_best_s"] for r in reached_d),
+            "dopr_censored": sum(r["dopr_censored"] for r in rows),
+            "base_reached": len(reached_b), "base_step_median": _median(r["base_to_dopr_best_step"] for r in reached_b),
+            "base_s_median": _median(r["base_to_dopr_best_s"] for r in reached_b),
+            "base_censored": sum(r["base_censored"] for r in rows),
+            "base_best_step_median": _median(r["base_best_step"] for r in rows)}
+
+
+@dataclass
+class Matched:
+    """Part 2 per seed and paired: the level each seed was compared at, both arms' metric there, why a seed
+    has none, and DoPr − base with its interval (None when no seed had a matched value)."""
+
+    loss: str
+    seeds: list = field(default_factory=list)  # dicts: seed, level, dopr, base, why
+    result: PairedResult | None = None
+
+    @property
+    def unmatched(self) -> list:
+        return [r for r in self.seeds if r["why"]]
+
+
+def matched_loss(dopr: dict, base: dict, metric: str, higher: bool, loss: str = LOSS) -> Matched:
+    """Part 2, per seed: ``metric`` of both arms at the val/loss (or train-set ``loss``) both reach."""
+    out = Matched(loss)
+    for s in sorted(set(dopr) & set(base)):
+        d, b = dopr[s][["step", loss, metric]].dropna(), base[s][["step", loss, metric]].dropna()
+        level, why = matched_level(d, b, loss)
+        dv = bv = math.nan
+        if not why:
+            dv, bv = value_at_level(d, level, metric, loss), value_at_level(b, level, metric, loss)
+        out.seeds.append({"seed": s, "level": level, "dopr": dv, "base": bv, "why": why})
+    paired = [r for r in out.seeds if not r["why"]]
+    if paired:
+        out.result = paired_difference({r["seed"]: r["dopr"] for r in paired}, {r["seed"]: r["base"] for r in paired},
+                                       metric, higher)
+    return out
+
+
+@dataclass
+class Pooled:
+    """Part 2, pooled over the lr grid: DoPr − base of the mean metric within shared log-loss bins."""
+
+    diff: float
+    low: float
+    high: float
+    runs: tuple  # (DoPr runs, base runs)
+    bins_shared: int
+    shared_range: tuple  # (low, high) of the loss both arms cover; NaNs when they do not overlap
+    outside: tuple  # checkpoints outside the shared range: (DoPr, base) of (DoPr total, base total)
+    totals: tuple
+    note: str = ""
+
+
+def pooled_matched_loss(dopr_runs: dict, base_runs: dict, metric: str, loss: str = LOSS, bins: int = POOLED_BINS,
+                        resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Pooled:
+    """``dopr_runs``/``base_runs``: run id -> curve, every run of each optimizer (all lrs, both stages). A ratio
+    metric (``stats.is_log_scale``) is compared as its log, as ``paired_difference`` does; checkpoints with an
+    infinite or missing metric are left out of the pool."""
+    log = is_log_scale(metric)
+
+    def points(runs):
+        ids, x, y = [], [], []
+        for k, (_, c) in enumerate(sorted(runs.items(), key=lambda kv: str(kv[0]))):
+            c = c[[loss, metric]].replace([np.inf, -np.inf], np.nan).dropna()
+            c = c[(c[loss] > 0) & ((c[metric] > 0) if log else True)]
+            ids += [k] * len(c)
+            x += list(np.log(c[loss].to_numpy(dtype=float)))
+            m = c[metric].to_numpy(dtype=float)
+            y += list(np.log(m) if log else m)
+        return np.array(ids, dtype=int), np.array(x), np.array(y), len(runs)
+
+    (di, dx, dy, dn), (bi, bx, by, bn) = points(dopr_runs), points(base_runs)
+    totals = (len(dx), len(bx))
+    if not len(dx) or not len(bx):
+        return Pooled(math.nan, math.nan, math.nan, (dn, bn), 0, (math.nan, math.nan), (0, 0), totals, "no checkpoints")
+    low, high = max(dx.min(), bx.min()), min(dx.max(), bx.max())
+    if low >= high:
+        return Pooled(math.nan, math.nan, math.nan, (dn, bn), 0, (math.nan, math.nan), totals, totals,
+                      f"{loss} ranges do not overlap")
+    edges = np.linspace(low, high, bins + 1)
+
+    def tally(ids, x, y, n):  # runs x bins: sums and counts of the metric
+        inside = (x >= low) & (x <= high)
+        b = np.clip(np.searchsorted(edges, x[inside], side="right") - 1, 0, bins - 1)
+        sums, counts = np.zeros((n, bins)), np.zeros((n, bins))
+        np.add.at(sums, (ids[inside], b), y[inside])
+        np.add.at(counts, (ids[inside], b), 1)
+        return sums, counts, int((~inside).sum())
+
+    (ds, dc, d_out), (bs, bc, b_out) = tally(di, dx, dy, dn), tally(bi, bx, by, bn)
+
+    def statistic(ds_, dc_, bs_, bc_):
+        d_sum, d_cnt, b_sum, b_cnt = ds_.sum(-2), dc_.sum(-2), bs_.sum(-2), bc_.sum(-2)
+        shared = (d_cnt > 0) & (b_cnt > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap = np.where(shared, d_sum / np.where(d_cnt > 0, d_cnt, 1) - b_sum / np.where(b_cnt > 0, b_cnt, 1), 0.0)
+            weight = np.where(shared, d_cnt + b_cnt, 0.0)
+            return (gap * weight).sum(-1) / weight.sum(-1), shared.sum(-1)
+
+    diff, shared = statistic(ds, dc, bs, bc)
+    rng = np.random.default_rng(seed)
+    pick_d, pick_b = rng.integers(0, dn, size=(resamples, dn)), rng.integers(0, bn, size=(resamples, bn))
+    boot, _ = statistic(ds[pick_d], dc[pick_d], bs[pick_b], bc[pick_b])
+    lo, hi = _percentile_interval(boot[np.isfinite(boot)])
+    return Pooled(float(diff), lo, hi, (dn, bn), int(shared), (float(np.exp(low)), float(np.exp(high))),
+                  (d_out, b_out), totals)
+
+
+def convergence(base: dict, fraction: float = PLATEAU_FRACTION) -> dict:
+    """Part 3 over the base runs (seed -> curve): each run's change and the cell's label with its reason."""
+    rows = []
+    for s in sorted(base):
+        change, late = relative_change(base[s])
+        rows.append({"seed": s, "change": change, "late_evaluations": late,
+                     "label": "too few evaluations" if late < 2 else
+                     ("flat" if abs(change) < fraction else "still changing")})
+    few = sum(r["label"] == "too few evaluations" for r in rows)
+    moving = sum(r["label"] == "still changing" for r in rows)
+    changes = [r["change"] for r in rows if math.isfinite(r["change"])]
+    if rows and not few and not moving:
+        label, why = "converged", f"every base run changed by less than {fraction:.0%} over its last quarter"
+    else:
+        reasons = []
+        if moving:
+            reasons.append(f"base val/loss changed by {fraction:.0%} or more over the last quarter on "
+                           f"{moving}/{len(rows)} runs")
+        if few:
+            reasons.append(f"too few evaluations: {few}/{len(rows)} base runs have under 2 in their last quarter, "
+                           f"so no plateau can be shown")
+        label, why = "budget-limited", "; ".join(reasons) or "no base run"
+    return {"seeds": rows, "label": label, "why": why, "median_change": _median(changes),
+            "too_few": few, "still_changing": moving, "n": len(rows)}
+
+
+def equal_compute(dopr: dict, base: dict, metric: str, higher: bool) -> dict:
+    """Part 4 (see the module docstring): seconds per step of both arms, and DoPr's final metric against the
+    base's at DoPr's total wall-clock when DoPr's step costs more."""
+    seeds = sorted(set(dopr) & set(base))
+    d_sps = [seconds_per_step(dopr[s]) for s in seeds]
+    b_sps = [seconds_per_step(base[s]) for s in seeds]
+    out = {"dopr_s_per_step": _mean(d_sps), "base_s_per_step": _mean(b_sps), "seeds": [], "result": None}
+    if not seeds or not math.isfinite(out["dopr_s_per_step"]) or not math.isfinite(out["base_s_per_step"]):
+        out["status"] = "no wall_time recorded"
+        return out
+    if out["dopr_s_per_step"] <= out["base_s_per_step"]:
+        out["status"] = "DoPr's step is not costlier: the fixed-budget verdict is the equal-compute one"
+        return out
+    for s in seeds:
+        d = dopr[s].dropna(subset=[metric, "wall_time"])
+        b = base[s].dropna(subset=[metric, "wall_time"])
+        budget = float(d["wall_time"].iloc[-1])
+        value = value_at_time(b, budget, metric)
+        out["seeds"].append({"seed": s, "dopr_seconds": budget, "base_seconds": float(b["wall_time"].iloc[-1]),
+                             "dopr": float(d[metric].iloc[-1]), "base": value,
+                             "base_steps_needed": budget / seconds_per_step(b)})
+    ok = [r for r in out["seeds"] if math.isfinite(r["base"])]
+    short = len(out["seeds"]) - len(ok)
+    if ok:
+        out["result"] = paired_difference({r["seed"]: r["dopr"] for r in ok}, {r["seed"]: r["base"] for r in ok},
+                                          metric, higher)
+    needed = _median(r["base_steps_needed"] for r in out["seeds"] if not math.isfinite(r["base"]))
+    out["status"] = ("" if not short else
+                     f"base budget too short on {short}/{len(out['seeds'])} seeds; rerun the base with more steps "
+                     f"(about {needed:.0f})")
+    return out
+
+
+# ---------------------------------------------------------------- a study's pairs
+
+
+@dataclass
+class Pair:
+    """One DoPr/base pair of a verdict: the runs of each arm at its chosen setting, seed -> run id."""
+
+    task: str
+    gp: str
+    base_name: str
+    dopr_name: str
+    base_setting: str
+    dopr_setting: str
+    base: dict
+    dopr: dict
+
+
+def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str]) -> list[Pair]:
+    """The verdict-stage pairs ``report.headline_comparison`` compares: per task and GP, the base and DoPr runs
+    at their chosen settings. Empty when the study has no verdict stage."""
+    from dopr.analysis import report
+
+    if not (runs["stage"] == "verdict").any():
+        return []
+    stage, pool, keys, chosen = report._comparison_pool(runs, choice, setting_keys)
+    pairs = []
+    for (task, gp), group in pool.groupby(["task", "gp"], sort=True, dropna=False):
+        names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
+        if set(names) != {False, True}:
+            continue
+        sides = {ap: report._at_choice(group, name, chosen.get((task, name)), keys, stage)
+                 for ap, name in names.items()}
+        pairs.append(Pair(task, gp, names[False], names[True],
+                          report._setting_label(sides[False].iloc[0], keys),
+                          report._setting_label(sides[True].iloc[0], keys),
+                          dict(zip(sides[False]["seed"], sides[False]["run"])),
+                          dict(zip(sides[True]["seed"], sides[True]["run"]))))
+    return pairs
+
+
+def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str], metric: str,
+              higher: bool) -> list[dict]:
+    """The four parts for every verdict pair (one dict per pair); ``runs`` is runs.csv's frame (stage, run)."""
+    train = next((c for c in TRAIN_SET_COLUMNS if c in evals and evals[c].notna().any()), None)
+    columns = [LOSS, metric] + ([train] if train else [])
+    by_run = {run: curve(points, columns) for run, points in evals.groupby("run", sort=False)}
+    kept = set(runs["run"])
+    out = []
+    for pair in verdict_pairs(runs, choice, setting_keys):
+        dopr = {s: by_run[r] for s, r in pair.dopr.items()}
+        base = {s: by_run[r] for s, r in pair.base.items()}
+        grid = runs[(runs["task"] == pair.task) & runs["run"].isin(kept)]
+        grid_d = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.dopr_name, "run"]}
+        grid_b = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.base_name, "run"]}
+        evaluations = [len(c) for c in [*dopr.values(), *base.values()]]
+        out.append({"pair": pair, "metric": metric, "train_column": train,
+                    "evaluations": (min(evaluations), max(evaluations)) if evaluations else (0, 0),
+                    "speed": speed(dopr, base),
+                    "matched": matched_loss(dopr, base, metric, higher),
+                    "matched_train": matched_loss(dopr, base, metric, higher, train) if train else None,
+                    "pooled": pooled_matched_loss(grid_d, grid_b, metric),
+                    "convergence": convergence(base),
+                    "equal_compute": equal_compute(dopr, base, metric, higher)})
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _n(v, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def _paired_text(result: PairedResult | None) -> str:
+    if result is None:
+        return "no seed"
+    d = result.diff
+    bounds = f" {d.bounds()}" if d.n >= 2 else ""  # under two seeds format() already says there is no interval
+    return (f"{'log ratio ' if result.scale == 'log' else ''}{Interval(d.mean, d.low, d.high, d.n).format()}"
+            f"{bounds} (n={d.n}, {result.verdict})")
+
+
+def _step_text(step, censored: bool) -> str:
+    return "never" if step is None else ("≤" if censored else "") + _n(step)
+
+
+def evaluations_note(lowest: int, highest: int) -> str:
+    count = f"{lowest}" if lowest == highest else f"{lowest}-{highest}"
+    if lowest >= MIN_EVALUATIONS:
+        return f"{count} evaluations per run"
+    return f"{count} evaluations per run: too few for §3b's curves (at least {MIN_EVALUATIONS})"
+
+
+def _matched_text(m: Matched | None) -> str:
+    if m is None:
+        return "no train-set loss recorded"
+    text = _paired_text(m.result)
+    if m.unmatched:
+        text += f"; ranges do not overlap on {len(m.unmatched)}/{len(m.seeds)} seeds"
+    return text
+
+
+def decomposition_rows(parts: list[dict]) -> pd.DataFrame:
+    """One numeric row per pair (decomposition.csv)."""
+    rows = []
+    for p in parts:
+        pair, sp, m, mt, po, cv, ec = (p["pair"], p["speed"], p["matched"], p["matched_train"], p["pooled"],
+                                       p["convergence"], p["equal_compute"])
+
+        def res(prefix, r):
+            return {f"{prefix}_n": r.diff.n if r else 0, f"{prefix}_diff": r.diff.mean if r else math.nan,
+                    f"{prefix}_low": r.diff.low if r else math.nan, f"{prefix}_high": r.diff.high if r else math.nan,
+                    f"{prefix}_verdict": r.verdict if r else ""}
+
+        rows.append({
+            "task": pair.task, "gp": pair.gp, "base": pair.base_name, "dopr": pair.dopr_name,
+            "base setting": pair.base_setting, "dopr setting": pair.dopr_setting, "metric": p["metric"],
+            "seeds": sp["n"], "evaluations_min": p["evaluations"][0], "evaluations_max": p["evaluations"][1],
+            "speed_dopr_reached": sp["dopr_reached"], "speed_dopr_step_median": sp["dopr_step_median"],
+            "speed_dopr_s_median": sp["dopr_s_median"], "speed_dopr_censored": sp["dopr_censored"],
+            "speed_base_reached": sp["base_reached"], "speed_base_step_median": sp["base_step_median"],
+            "speed_base_s_median": sp["base_s_median"], "speed_base_censored": sp["base_censored"],
+            "speed_base_best_step_median": sp["base_best_step_median"],
+            **res("matched_val", m.result), "matched_val_unmatched": len(m.unmatched),
+            "train_column": p["train_column"] or "",
+            **res("matched_train", mt.result if mt else None),
+            "matched_train_unmatched": len(mt.unmatched) if mt else math.nan,
+            "pooled_diff": po.diff, "pooled_low": po.low, "pooled_high": po.high, "pooled_dopr_runs": po.runs[0],
+            "pooled_base_runs": po.runs[1], "pooled_bins_shared": po.bins_shared,
+            "pooled_range_low": po.shared_range[0], "pooled_range_high": po.shared_range[1],
+            "pooled_dopr_outside": po.outside[0], "pooled_base_outside": po.outside[1],
+            "pooled_dopr_points": po.totals[0], "pooled_base_points": po.totals[1],
+            "convergence": cv["label"], "convergence_why": cv["why"],
+            "base_last_quarter_change_median": cv["median_change"], "plateau_fraction": PLATEAU_FRACTION,
+            "dopr_s_per_step": ec["dopr_s_per_step"], "base_s_per_step": ec["base_s_per_step"],
+            **res("equal_compute", ec["result"]), "equal_compute_status": ec["status"]})
+    return pd.DataFrame(rows)
+
+
+def decomposition_table(parts: list[dict]) -> str:
+    """The four parts as markdown, one row per pair, then the per-seed values the rows summarize."""
+    from dopr.analysis.report import markdown_table
+
+    if not parts:
+        return "no verdict-stage DoPr/base pair\n"
+    rows, seeds = [], []
+    for p in parts:
+        pair, sp, m, mt, po, cv, ec = (p["pair"], p["speed"], p["matched"], p["matched_train"], p["pooled"],
+                                       p["convergence"], p["equal_compute"])
+
+        def reach(reached, step, secs, censored):
+            if not reached:
+                return f"never (0/{sp['n']})"
+            at = f"median step {_n(step)}, {_n(secs, 3)} s ({reached}/{sp['n']} seeds)"
+            return at + (f"; {censored} already there at the first evaluation" if censored else "")
+
+        pooled = (po.note if po.note else
+                  f"{'log ratio ' if is_log_scale(p['metric']) else ''}{po.diff:+.3g} [{po.low:+.3g}, {po.high:+.3g}] "
+                  f"over {po.bins_shared}/{POOLED_BINS} bins of "
+                  f"{LOSS} {po.shared_range[0]:.3g}-{po.shared_range[1]:.3g} "
+                  f"({po.runs[0]} DoPr, {po.runs[1]} base runs); "
+                  f"outside it: {po.outside[0]}/{po.totals[0]} DoPr, {po.outside[1]}/{po.totals[1]} base checkpoints")
+        compute = f"DoPr {_n(ec['dopr_s_per_step'], 3)} s/step, base {_n(ec['base_s_per_step'], 3)} s/step"
+        if ec["seeds"]:
+            compute += f"; DoPr final − base at DoPr's wall-clock: {_paired_text(ec['result'])}"
+        if ec["status"]:
+            compute += f"; {ec['status']}"
+        rows.append({
+            "pair": f"{pair.task} {pair.dopr_name} ({pair.dopr_setting}) vs {pair.base_name} ({pair.base_setting})",
+            "evaluations": evaluations_note(*p["evaluations"]),
+            "speed: DoPr to base's best val/loss":
+                reach(sp["dopr_reached"], sp["dopr_step_median"], sp["dopr_s_median"], sp["dopr_censored"])
+                + f" (base's own best: step {_n(sp['base_best_step_median'])})",
+            "speed: base to DoPr's best val/loss":
+                reach(sp["base_reached"], sp["base_step_median"], sp["base_s_median"],
+                                                          sp["base_censored"]),
+            f"Δ {p['metric']} at matched val/loss": _matched_text(m),
+            f"Δ at matched train-set loss ({p['train_column'] or 'none'})": _matched_text(mt),
+            "Δ pooled over the lr grid at equal val/loss": pooled,
+            f"converged? (plateau: < {PLATEAU_FRACTION:.0%} over the last quarter)":
+                f"{cv['label']}: {cv['why']} (median change {_n(cv['median_change'], 2)})",
+            "equal compute": compute})
+        for r in sp["seeds"]:
+            mv = next(x for x in m.seeds if x["seed"] == r["seed"])
+            cr = next((x for x in cv["seeds"] if x["seed"] == r["seed"]), None)
+            er = next((x for x in ec["seeds"] if x["seed"] == r["seed"]), None)
+            seeds.append({"pair": f"{pair.task} {pair.gp}", "seed": r["seed"],
+                          "DoPr step to base best": _step_text(r["dopr_to_base_best_step"], r["dopr_censored"]),
+                          "base step to DoPr best": _step_text(r["base_to_dopr_best_step"], r["base_censored"]),
+                          "matched val/loss": _n(mv["level"], 3), "DoPr there": _n(mv["dopr"], 3),
+                          "base there": _n(mv["base"], 3), "not matched": mv["why"],
+                          "base last-quarter change": (f"{cr['change']:+.1%} ({cr['label']})"
+                                                       if cr and math.isfinite(cr["change"])
+                                                       else (cr["label"] if cr else "")),
+                          "base at DoPr's wall-clock": "" if er is None else _n(er["base"], 3)})
+    header = (f"§3b decomposition (dopr.analysis.decomposition): verdict seeds, each arm at its chosen setting, "
+              f"DoPr − base paired by seed; intervals 95%.\n")
+    return "\n".join([header, markdown_table(pd.DataFrame(rows)), "Per seed:\n",
+                      markdown_table(pd.DataFrame(seeds))])

@@ -1,0 +1,208 @@
+"""dopr/analysis/decomposition.py (docs/STUDIES.md §3b) on synthetic curves with known answers: speed, matched
+loss (per seed and pooled), converged or budget-limited, equal compute, and the table."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dopr.analysis import decomposition as dc
+
+METRIC = "test/return"
+
+
+def run(vals, metric=None, steps=None, seconds_per_step=1.0, train=None):
+    """One run's curve: evaluations at steps 100, 200, ... unless given; wall_time = steps x seconds_per_step."""
+    steps = steps or [100 * (i + 1) for i in range(len(vals))]
+    frame = pd.DataFrame({"step": steps, "wall_time": [s * seconds_per_step for s in steps], "val/loss": vals,
+                          METRIC: metric if metric is not None else [0.0] * len(vals)})
+    if train is not None:
+        frame["train/loss"] = train
+    return frame
+
+
+# base best 0.2 at step 400; DoPr best 0.05, crossing 0.2 halfway (in log loss) between steps 200 and 300
+BASE = dict(vals=[1.0, 0.5, 0.25, 0.2], metric=[0.0, 0.1, 0.2, 0.3])
+DOPR = dict(vals=[0.8, 0.4, 0.1, 0.05], metric=[0.1, 0.4, 0.7, 0.8])
+
+
+def test_first_reach_interpolates_in_log_loss_and_says_never_and_at_or_before():
+    dopr = run(**DOPR, seconds_per_step=2.0)
+    hit = dc.first_reach(dopr, 0.2)
+    assert hit.step == pytest.approx(250) and hit.seconds == pytest.approx(500) and not hit.censored
+    assert dc.first_reach(dopr, 0.01) is None  # never reached
+    early = dc.first_reach(dopr, 0.9)  # already below at its first evaluation: at or before step 100
+    assert early.step == 100 and early.censored
+
+
+def test_speed_per_seed_and_summary_with_a_never_reached_side():
+    dopr = {s: run(**DOPR) for s in (1, 2)}
+    base = {1: run(**BASE), 2: run([1.0, 0.5, 0.3, 0.2], BASE["metric"])}
+    out = dc.speed(dopr, base)
+    assert out["dopr_reached"] == 2 and out["dopr_step_median"] == pytest.approx(250)
+    assert out["dopr_s_median"] == pytest.approx(250)
+    assert out["base_reached"] == 0 and math.isnan(out["base_step_median"])  # the base never gets to 0.05
+    assert [r["base_to_dopr_best_step"] for r in out["seeds"]] == [None, None]
+    assert out["base_best_step_median"] == 400
+
+
+def test_matched_loss_reads_both_arms_at_the_larger_best_val_loss():
+    # level 0.2 (the base's best): base 0.3 at its last checkpoint; DoPr halfway 0.4 -> 0.7 = 0.55
+    dopr = {1: run(**DOPR), 2: run(DOPR["vals"], [m + 0.1 for m in DOPR["metric"]])}
+    base = {1: run(**BASE), 2: run(**BASE)}
+    m = dc.matched_loss(dopr, base, METRIC, higher=True)
+    assert [r["level"] for r in m.seeds] == pytest.approx([0.2, 0.2])
+    assert [r["dopr"] for r in m.seeds] == pytest.approx([0.55, 0.65])
+    assert [r["base"] for r in m.seeds] == pytest.approx([0.3, 0.3])
+    assert m.result.diff.mean == pytest.approx(0.30) and m.result.diff.n == 2 and not m.unmatched
+
+
+def test_matched_loss_says_where_the_ranges_do_not_overlap():
+    dopr = {1: run([0.1, 0.05], [0.5, 0.6]), 2: run(**DOPR)}  # seed 1: DoPr starts below the base's best
+    base = {1: run(**BASE), 2: run(**BASE)}
+    m = dc.matched_loss(dopr, base, METRIC, higher=True)
+    assert len(m.unmatched) == 1 and "do not overlap" in m.unmatched[0]["why"] and m.unmatched[0]["seed"] == 1
+    assert m.result.diff.n == 1 and m.result.seeds == [2]
+    none = dc.matched_loss({1: run([0.1, 0.05])}, {1: run(**BASE)}, METRIC, higher=True)
+    assert none.result is None and "no seed" in dc._matched_text(none)
+
+
+def test_matched_train_set_loss_uses_its_own_column():
+    # on train/loss the DoPr run is worse (higher), so the level is DoPr's best 0.4 and the base is read there
+    dopr = {1: run(**DOPR, train=[0.9, 0.6, 0.5, 0.4])}
+    base = {1: run(**BASE, train=[1.0, 0.8, 0.4, 0.2])}
+    m = dc.matched_loss(dopr, base, METRIC, higher=True, loss="train/loss")
+    assert m.seeds[0]["level"] == pytest.approx(0.4)
+    assert m.seeds[0]["dopr"] == pytest.approx(0.8) and m.seeds[0]["base"] == pytest.approx(0.2)
+
+
+def _grid(offset, n=6, seed=0):
+    """n runs whose metric is the same function of log val/loss, plus ``offset``."""
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for k in range(n):
+        vals = np.exp(np.sort(rng.uniform(-5, 0, size=6))[::-1])
+        runs[f"r{k}"] = run(list(vals), list(-np.log(vals) / 5 + offset))
+    return runs
+
+
+def test_pooled_comparison_finds_a_known_offset_and_none_when_arms_share_the_curve():
+    same = dc.pooled_matched_loss(_grid(0.0, seed=1), _grid(0.0, seed=2), METRIC, resamples=200)
+    shifted = dc.pooled_matched_loss(_grid(0.1, seed=1), _grid(0.0, seed=2), METRIC, resamples=200)
+    assert abs(same.diff) < 0.05 and same.bins_shared >= 6 and same.runs == (6, 6)
+    assert shifted.diff - same.diff == pytest.approx(0.1) and shifted.low > 0
+    assert shifted.low <= shifted.diff <= shifted.high
+
+
+def test_pooled_comparison_of_a_ratio_metric_is_of_its_log():
+    grid = {f"r{k}": run([1.0, 0.1, 0.01], [4.0, 2.0, 1.0]).rename(columns={METRIC: "test/cost_ratio"})
+            for k in range(3)}
+    double = {k: c.assign(**{"test/cost_ratio": 2 * c["test/cost_ratio"]}) for k, c in grid.items()}
+    out = dc.pooled_matched_loss(double, grid, "test/cost_ratio", resamples=50)
+    assert out.diff == pytest.approx(math.log(2))
+
+
+def test_pooled_comparison_says_when_the_ranges_do_not_overlap():
+    low = {"a": run([0.01, 0.005], [0.9, 1.0])}
+    high = {"b": run([1.0, 0.5], [0.0, 0.1])}
+    out = dc.pooled_matched_loss(low, high, METRIC, resamples=50)
+    assert "do not overlap" in out.note and math.isnan(out.diff) and out.outside == (2, 2)
+
+
+def test_convergence_labels_converged_budget_limited_and_too_few_evaluations():
+    flat = [1.0, 0.6, 0.4, 0.3, 0.25, 0.22, 0.215, 0.212]  # 8 evaluations: 0.22 (step 600) -> 0.212: -3.6%
+    falling = [1.0, 0.6, 0.4, 0.3, 0.25, 0.22, 0.18, 0.15]  # 0.22 -> 0.15: -32%
+    converged = dc.convergence({1: run(flat), 2: run(flat)})
+    assert converged["label"] == "converged" and converged["median_change"] == pytest.approx(0.212 / 0.22 - 1)
+    limited = dc.convergence({1: run(flat), 2: run(falling)})
+    assert limited["label"] == "budget-limited" and "1/2 runs" in limited["why"]
+    assert [r["label"] for r in limited["seeds"]] == ["flat", "still changing"]
+    few = dc.convergence({1: run([1.0, 0.9, 0.895])})  # steps 100, 200, 300: only step 300 is at or after 225
+    assert few["label"] == "budget-limited" and few["seeds"][0]["label"] == "too few evaluations"
+    assert "too few evaluations" in few["why"] and few["seeds"][0]["change"] == pytest.approx(0.895 / 0.9 - 1)
+
+
+def test_equal_compute_gives_the_base_dopr_wall_clock_or_says_it_is_too_short():
+    # DoPr: 4 evaluations at 2 s/step (400 steps, 800 s, final 0.9). Seeds 1 and 2: the base ran 800 steps at
+    # 1 s/step, metric 0.8 and 0.6 at 800 s; seed 3's base ran only 400 steps (400 s): too short.
+    dopr = {s: run([0.8, 0.4, 0.2, 0.1], [0.1, 0.5, 0.8, 0.9], seconds_per_step=2.0) for s in (1, 2, 3)}
+    base = {1: run([1.0] * 8, [0.1 * (i + 1) for i in range(8)]),
+            2: run([1.0] * 8, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6]),
+            3: run([1.0] * 4, [0.2] * 4)}
+    out = dc.equal_compute(dopr, base, METRIC, higher=True)
+    assert out["dopr_s_per_step"] == pytest.approx(2.0) and out["base_s_per_step"] < 2.0
+    values = {r["seed"]: r["base"] for r in out["seeds"]}
+    assert values[1] == pytest.approx(0.8) and values[2] == pytest.approx(0.6) and math.isnan(values[3])
+    assert out["result"].diff.n == 2 and out["result"].diff.mean == pytest.approx(((0.9 - 0.8) + (0.9 - 0.6)) / 2)
+    assert "base budget too short on 1/3 seeds" in out["status"] and "about 800" in out["status"]
+    cheap = dc.equal_compute({1: run([1.0, 0.5])}, {1: run([1.0, 0.5], seconds_per_step=3.0)}, METRIC, higher=True)
+    assert cheap["result"] is None and "not costlier" in cheap["status"]
+
+
+def test_value_at_time_interpolates_in_wall_clock():
+    base = run([1.0, 0.5, 0.2], [0.0, 1.0, 2.0])
+    assert dc.value_at_time(base, 150, METRIC) == pytest.approx(0.5)
+    assert math.isnan(dc.value_at_time(base, 301, METRIC))
+
+
+def _study_frames(evaluations):
+    """A toy study: 2 verdict seeds per arm (the runs' curves from ``run``) and one tuning run per arm."""
+    rows, curves = [], {}
+    for seed, stage in ((0, "tune"), (10, "verdict"), (11, "verdict")):
+        for name, spec in (("adamw", BASE), ("dopr_adamw", DOPR)):
+            r = f"{stage}/opt={name},seed={seed}"
+            vals = np.interp(np.linspace(0, 3, evaluations), range(4), np.log(spec["vals"]))
+            metric = np.interp(np.linspace(0, 3, evaluations), range(4), spec["metric"])
+            curves[r] = run(list(np.exp(vals)), list(metric))
+            rows.append({"task": "toy", "stage": stage, "gp": "adamw", "opt.name": name, "ap": name != "adamw",
+                         "opt.lr": 1e-3, "opt.ap.damping": 0.01 if name != "adamw" else math.nan, "seed": seed,
+                         "run": r, f"best/{METRIC}": 1.0, "best/val/loss": 0.1})
+    runs = pd.DataFrame(rows)
+    evals = pd.concat([c.assign(run=r) for r, c in curves.items()], ignore_index=True)
+    return evals, runs
+
+
+@pytest.mark.parametrize("evaluations, note", [(3, "3 evaluations per run: too few for §3b's curves (at least 8)"),
+                                                (8, "8 evaluations per run |")])
+def test_decompose_pairs_the_verdict_runs_and_the_table_says_how_many_evaluations(evaluations, note):
+    from dopr.analysis import report
+
+    evals, runs = _study_frames(evaluations)
+    keys = ["opt.lr", "opt.ap.damping"]
+    choice = report.choose_settings(runs, METRIC, True, keys)
+    parts = dc.decompose(evals, runs, choice, keys, METRIC, True)
+    assert len(parts) == 1 and sorted(parts[0]["pair"].base) == [10, 11]  # verdict seeds only
+    assert parts[0]["pooled"].runs == (3, 3)  # the pooled comparison takes the tuning run too
+    table = dc.decomposition_table(parts)
+    assert note in table and "| pair |" in table and "Per seed:" in table
+    rows = dc.decomposition_rows(parts)
+    assert rows.loc[0, "seeds"] == 2 and rows.loc[0, "matched_val_n"] == 2
+    assert rows.loc[0, "evaluations_min"] == evaluations
+    assert dc.decompose(evals, runs.assign(stage="tune"), choice, keys, METRIC, True) == []  # no verdict: nothing
+
+
+def test_the_study_command_adds_decomposition_files_for_a_verdict_and_changes_no_other_file(tmp_path):
+    import json
+
+    from script_loader import load_script
+    from test_analysis import write_run
+
+    sweep = tmp_path / "sweep"
+    for seed in range(4):
+        for opt, costs in (("adamw", [3.0, 2.0, 1.5]), ("dopr_adamw", [2.5, 1.5, 1.0])):
+            write_run(sweep, opt, seed, [{"step": 10 * (i + 1), "val/loss": v, "test/cost_ratio": c + seed,
+                                          "wall_time": 10.0 * (i + 1) * (2 if opt == "dopr_adamw" else 1)}
+                                         for i, (c, v) in enumerate(zip(costs, [1.0, 0.5, 0.3]))])
+    args = [f"sweep={sweep}", "study=toy", "metric=test/cost_ratio", "resamples=50"]
+    study = load_script("study")
+    assert study.main(args + [f"out={tmp_path / 'tuned'}", "tune_seeds=0-3", "verdict_seeds="]) == 0
+    assert not (tmp_path / "tuned" / "decomposition.md").exists()  # no verdict seeds: nothing to decompose
+    out = tmp_path / "out"
+    assert study.main(args + [f"out={out}", "tune_seeds=0,1", "verdict_seeds=2,3"]) == 0
+    table = (out / "decomposition.md").read_text()
+    assert "3 evaluations per run: too few for §3b's curves (at least 8)" in table and "budget-limited" in table
+    assert "base budget too short on 2/2 seeds" in table  # DoPr's step took twice as long
+    assert pd.read_csv(out / "decomposition.csv").loc[0, "dopr_s_per_step"] == pytest.approx(2.0)
+    assert "decomposition" not in (out / "study.md").read_text()
+    assert json.loads((out / "provenance.json").read_text())["runs tabled"] == 8
