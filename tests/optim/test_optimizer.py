@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -133,9 +134,10 @@ def test_every_optimizer_trains_and_round_trips_state(name):
         (model(x) - y).pow(2).mean().backward()
         opt.step()
         sched.step()
-    # the RNG too, as the trainer's checkpoints do: PSGD-Kron draws its preconditioner updates from it
+    # the RNGs too, as the trainer's checkpoints do: PSGD-Kron draws from torch's (its preconditioner
+    # updates) and numpy's global generator (whether to rebalance)
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                           "rng": torch.get_rng_state()})
+                           "rng": torch.get_rng_state(), "np_rng": np.random.get_state()})
     train_rest = lambda m, o, s: [  # noqa: E731
         (o.zero_grad(), (m(x) - y).pow(2).mean().backward(), o.step(), s.step()) for x, y in data[6:]
     ]
@@ -147,6 +149,7 @@ def test_every_optimizer_trains_and_round_trips_state(name):
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
     torch.set_rng_state(saved["rng"])
+    np.random.set_state(saved["np_rng"])
     train_rest(resumed, opt2, sched2)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
