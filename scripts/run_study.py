@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopr.analysis.plan import load_plan, verdict_cells  # noqa: E402, F401 (verdict_cells: tests reach it here)
+from dopr.analysis.plan import load_plan  # noqa: E402
 from dopr.cli import parse_script_args  # noqa: E402
-from dopr.study import STAGES, default_root, job, only_optimizers, run_stages  # noqa: E402, F401 (job: likewise)
+from dopr.study import STAGES, default_root, only_optimizers, run_stages  # noqa: E402
 
 
 @dataclass

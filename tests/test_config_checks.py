@@ -108,14 +108,14 @@ def test_a_misspelled_task_key_is_named_for_every_task(task):
 
 
 def test_every_committed_study_plan_passes():
-    from script_loader import load_script
+    from dopr.analysis.plan import load_plan, verdict_cells
+    from dopr.study import job as study_job
 
-    run_study = load_script("run_study")
     for plan_path in sorted((ROOT / "configs/study").glob("*.yaml")):
-        plan = run_study.load_plan(plan_path.stem)
+        plan = load_plan(plan_path.stem)
         settings = {"opt.lr": plan["lrs"][0], "opt.ap.damping": plan["dampings"][0]}
-        for cell in run_study.verdict_cells(plan):
+        for cell in verdict_cells(plan):
             where = {**plan.get("tune_at", {}), **cell}
             for stage in ("tune", "verdict"):
-                job = run_study.job(Path("/nowhere"), stage, plan, plan["optimizers"][-1], 0, settings, where)
+                job = study_job(Path("/nowhere"), stage, plan, plan["optimizers"][-1], 0, settings, where)
                 check_config(_composed(list(job.overrides)))

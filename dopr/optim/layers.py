@@ -43,7 +43,7 @@ OnForward = Callable[["ModuleHelper", list, list], None]
 ShouldRecord = Callable[[nn.Module], bool]
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
     """A DTensor: FSDP2's sharded parameters and gradients."""
     return isinstance(tensor, DTensor)
 
@@ -69,7 +69,7 @@ class Block:
         self.bias_rows = bias_rows
         self.in_dim, self.out_dim = self._shape()
         for parameter in (weight, bias):
-            if parameter is not None and _is_dtensor(parameter):
+            if parameter is not None and is_dtensor(parameter):
                 self._check_sharding(parameter)
 
     def _shape(self) -> tuple[int, int]:
@@ -94,7 +94,7 @@ class Block:
     def _own_rows(self, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
         """This block's rows of ``tensor`` that this process holds (a view): all of them, or under FSDP2
         the part of them in this process's row shard."""
-        if not _is_dtensor(tensor):
+        if not is_dtensor(tensor):
             return tensor if rows is None else tensor[rows]
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

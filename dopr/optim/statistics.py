@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dopr.optim.layers import Block
+from dopr.optim.layers import Block, is_dtensor
 from dopr.optim.solvers import batch_space_cheaper, gram
 
 
@@ -147,4 +147,4 @@ class LayerStats:
 
 def _version(grad: torch.Tensor) -> int:
     """The gradient's version counter; for an FSDP2 DTensor, its local shard's (writes go there)."""
-    return grad.to_local()._version if hasattr(grad, "to_local") else grad._version
+    return grad.to_local()._version if is_dtensor(grad) else grad._version
