@@ -6,7 +6,7 @@ default; a field without a default is required), and its usage in its module doc
     @dataclass
     class Args:
         env: str
-        num_demos: int = 100
+        gen_demos: int = 100
 
     args = parse_script_args(sys.argv[1:], Args, __doc__)
 

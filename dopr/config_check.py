@@ -147,6 +147,8 @@ def check_config(config: dict) -> None:
     problems += _check("trainer.", config.get("trainer") or {}, _field_annotations(TrainerConfig),
                        ("TrainerConfig", "field"))
     task = config.get("task") or {}
+    problems += [f"task.{key}: give the run's {key} at the top level ({key}={example}); it goes down to the "
+                 f"task from there, once" for key, example in (("seed", 1), ("device", "cuda")) if key in task]
     if "_target_" in task:
         cls = get_class(task["_target_"])
         annotations, takes_more = _constructor_annotations(cls)

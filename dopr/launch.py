@@ -112,7 +112,7 @@ def launch(cfg: DictConfig) -> float | None:
         check_run_dir(run_dir, config, resuming, config["overwrite"])
         save_hydra_record(run_dir, cfg)
         with logs_to(run_dir / RUN_LOG):  # the task too: demo generation and env builds log
-            task = instantiate(cfg.task, _convert_="all")
+            task = instantiate(cfg.task, _convert_="all", seed=cfg.seed, device=cfg.device)
             summary = train(task, opt, trainer, run_dir, config, logger=logger, resume=resuming)
     last = summary["last"] or {}
     shown = {k: v for k, v in last.items() if k == "val/loss" or k.startswith("test/")}

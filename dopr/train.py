@@ -128,10 +128,9 @@ def load_checkpoint(path: Path) -> dict:
 
 # Keys whose value may differ between a run and its resumption: they don't change what is trained
 # (every key Hydra leaves out of a run dir's name must be here, or resume=true would refuse its own runs).
-# Data locations are among them: the data is named by task.dataset, a moved root holds the same files
-# (and runs from before paths.data existed have none of these keys).
-RESUME_MAY_CHANGE = ("resume", "overwrite", "logger", "trainer.progress", "trainer.threads", "device",
-                     "task.device", "paths", "task.datasets_path", "task.demos_dir", "task.cache_dir")
+# Data locations are among them: the data is named by task.dataset, and a moved root holds the same files.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "logger", "trainer.progress", "trainer.threads", "device", "paths",
+                     "task.datasets_path", "task.demos_dir", "task.cache_dir")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -85,12 +85,12 @@ def task_plans(size: str, work: Path, steps: int) -> dict[str, dict]:
     data = work / "data"
     sft = work / "sft"
     plans = {
-        "lds": dict(overrides=["task=lds"] + (["task.test_rollouts=4", "task.test_horizon=20"] if tiny else [])),
+        "lds": dict(overrides=["task=lds"] + (["task.eval_episodes=4", "task.max_episode_steps=20"] if tiny else [])),
         "gym_hopper": dict(
             prepare=[[sys.executable, "scripts/make_gym_demos.py", "env=Hopper-v5", "expert=experts/Hopper-v5.npz",
                       f"episodes={3 if tiny else 6}", f"datasets_path={data / 'minari'}", "overwrite=true"]],
             overrides=["task=gym_hopper", f"task.eval_episodes={1 if tiny else 4}",
-                       f"task.max_eval_steps={20 if tiny else 500}"]
+                       f"task.max_episode_steps={20 if tiny else 500}"]
             + (["task.width=32", "task.depth=1"] if tiny else [])),
         "robomimic_lift": dict(overrides=[
             "task=robomimic_lift", f"task.gen_demos={3 if tiny else 6}", f"task.eval_episodes={1 if tiny else 4}",
@@ -104,19 +104,19 @@ def task_plans(size: str, work: Path, steps: int) -> dict[str, dict]:
             + (["task.unet_channels=[8,16]", "task.time_embed_dim=8", "task.integration_steps=[2,1]",
                 "task.batch_size=4", "task.image_base_width=4", "task.image_feature_dim=8"] if tiny else [])),
         "flow_2d": dict(overrides=["task=flow_2d"] + (
-            ["task.n_train=512", "task.n_val=64", "task.val_repeats=1", "task.eval_samples=64",
-             "task.num_projections=8", "task.eval_steps=[1,2]", "task.headline_steps=2", "task.hidden=16"]
+            ["task.train_episodes=512", "task.val_episodes=64", "task.val_repeats=1", "task.eval_episodes=64",
+             "task.num_projections=8", "task.integration_steps=[1,2]", "task.headline_steps=2", "task.hidden=16"]
             if tiny else [])),
         "flow_digits": dict(overrides=["task=flow_digits"] + (
-            ["task.channels=4", "task.samples_per_class=2", "task.eval_steps=[1]", "task.headline_steps=1",
+            ["task.channels=4", "task.eval_episodes_per_class=2", "task.integration_steps=[1]", "task.headline_steps=1",
              "task.val_repeats=1", "task.batch_size=16"] if tiny else [])),
         "lm_arith": dict(overrides=["task=lm_arith"] + (
-            ["task.max_digits=2", "task.n_val=16", "task.n_test_per_length=2", "task.sample_temperature=0",
+            ["task.max_digits=2", "task.val_episodes=16", "task.eval_episodes_per_length=2", "task.sample_temperature=0",
              "task.eval_batch_size=16", "task.d_model=16", "task.n_layers=1", "task.n_heads=2"] if tiny else [])),
         "llm_sft": dict(
             prepare=[[sys.executable, "-m", "dopr.data.sft", f"tiny_fixture={sft}"]],
             overrides=["task=llm_sft", f"task.model={sft / 'tiny-llama'}", f"task.dataset={sft / 'tiny_gsm8k.jsonl'}",
-                       "task.n_val=8", "task.n_test=8", "task.max_seq_len=128",
+                       "task.val_episodes=8", "task.eval_episodes=8", "task.max_seq_len=128",
                        f"task.max_new_tokens={8 if tiny else 40}", "opt.lr=1e-2"]),
     }
     for name, plan in plans.items():

@@ -1,16 +1,16 @@
 """Generate scripted-expert demonstrations in the robomimic hdf5 layout.
 
-    python scripts/make_demos.py env=Lift num_demos=60      # data/robomimic/Lift_low_dim_60demos_seed0.hdf5
-    python scripts/make_demos.py env=can num_demos=50 cameras=[agentview,robot0_eye_in_hand] \\
+    python scripts/make_demos.py env=Lift gen_demos=60      # data/robomimic/Lift_low_dim_60demos_seed0.hdf5
+    python scripts/make_demos.py env=can gen_demos=50 cameras=[agentview,robot0_eye_in_hand] \\
         out=data/robomimic/can_image.hdf5
 
 Keys (key=value, like run.py's overrides):
     env             required: Lift, PickPlaceCan, NutAssemblySquare or an alias (lift, can, square)
     out             output .hdf5 path (a relative one is taken against the repo root); default: the file
-                    task=robomimic_* with dataset=null reads, <demos_dir>/<env>_<obs>_<num_demos>demos_seed<seed>.hdf5
+                    task=robomimic_* with dataset=null reads, <demos_dir>/<env>_<obs>_<gen_demos>demos_seed<seed>.hdf5
     demos_dir       where the default out goes, as task.demos_dir (default <repo>/data/robomimic, the
                     default ${paths.data}/robomimic; data/ is git-ignored)
-    num_demos       successful demonstrations to write (default 100)
+    gen_demos       successful demonstrations to write (default 100)
     seed            seed of the expert's randomization and action noise (default 0)
     noise           std of Gaussian action noise (default 0.05)
     randomize       randomize approach heights and speeds (default true)
@@ -40,7 +40,7 @@ class MakeDemosArgs:
     env: str
     out: str | None = None
     demos_dir: str | None = None
-    num_demos: int = 100
+    gen_demos: int = 100
     seed: int = 0
     noise: float = 0.05
     randomize: bool = True
@@ -53,8 +53,8 @@ class MakeDemosArgs:
         if ENV_ALIASES.get(self.env, self.env) not in EXPERTS:
             raise ValueError(f"env={self.env!r}: no scripted expert; choose one of {sorted(EXPERTS)} "
                              f"or an alias {sorted(ENV_ALIASES)}")
-        if self.num_demos < 1:
-            raise ValueError(f"num_demos must be >= 1, got {self.num_demos}")
+        if self.gen_demos < 1:
+            raise ValueError(f"gen_demos must be >= 1, got {self.gen_demos}")
 
 
 def main(argv: list[str]) -> dict:
@@ -62,10 +62,10 @@ def main(argv: list[str]) -> dict:
     env_name = ENV_ALIASES.get(args.env, args.env)
     obs = "image" if args.cameras else "low_dim"
     out = resolve(args.out) if args.out else generated_demos_path(
-        args.demos_dir or DEFAULT_DEMOS_DIR, env_name, obs, args.num_demos, args.seed)
+        args.demos_dir or DEFAULT_DEMOS_DIR, env_name, obs, args.gen_demos, args.seed)
     stats = generate_demos(
         env_name,
-        args.num_demos,
+        args.gen_demos,
         str(out),
         seed=args.seed,
         action_noise=args.noise,

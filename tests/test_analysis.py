@@ -27,7 +27,7 @@ def write_run(root: Path, opt: str, seed: int, evals: list[dict], status="finish
     opt_cfg = {"name": opt, "lr": lr}
     if opt.startswith("dopr_"):
         opt_cfg.update({"ap": {"damping": 0.01}})
-    config = {"seed": seed, "task": {"name": "lds", "test_rollouts": 8}, "opt": opt_cfg, "trainer": {"steps": 30}}
+    config = {"seed": seed, "task": {"name": "lds", "eval_episodes": 8}, "opt": opt_cfg, "trainer": {"steps": 30}}
     summary = {"status": status, "headline_metric": "test/cost_ratio", "higher_is_better": False, "config": config,
                "git": {"sha": SHA, "dirty": seed == 0}, "versions": {"torch": "2.x"}, "threads": 1}
     (run / "summary.json").write_text(json.dumps(summary))

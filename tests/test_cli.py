@@ -90,7 +90,7 @@ def test_help_prints_the_usage_and_exits_cleanly(capsys):
 
 # every script under scripts/, with one of its keys
 SCRIPT_KEYS = {"aggregate": "metrics", "ap_accuracy": "d_out", "bench_optim": "gpt_d_model", "compare": "seeds",
-               "ddp_example": "backend", "gpu_check": "steps", "gpu_wheels": "dest", "make_demos": "num_demos",
+               "ddp_example": "backend", "gpu_check": "steps", "gpu_wheels": "dest", "make_demos": "gen_demos",
                "make_gym_demos": "action_noise",
                "results_table": "check", "run_study": "stage",
                "study": "verdict_where", "train_expert": "max_env_steps"}

@@ -16,7 +16,7 @@ from dopr.config_check import check_config, expected_type
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
 TINY = ("task=lds", "logger=none", "trainer.steps=20", "trainer.eval_every=10", "trainer.progress=false",
-        "trainer.threads=1", "task.test_rollouts=4", "task.test_horizon=20")
+        "trainer.threads=1", "task.eval_episodes=4", "task.max_episode_steps=20")
 
 
 def run_py(run_dir, *args):
@@ -39,7 +39,7 @@ def test_a_bad_value_is_named_before_the_run_dir_is_touched(tmp_path, override, 
 
 
 class _Base:
-    def __init__(self, seed: int = 0, **kwargs: Any):
+    def __init__(self, depth: int = 0, seed: int = 0, **kwargs: Any):
         pass
 
 
@@ -69,18 +69,25 @@ def test_expected_type(annotation, value, expected):
 
 def test_task_values_are_checked_against_the_constructor_and_its_bases():
     target = f"{__name__}._Task"
-    ok = {"_target_": target, "name": "t", "seed": 0, "size": 2, "rate": 1, "widths": [1, 2], "pair": [1, 2.0],
+    ok = {"_target_": target, "name": "t", "depth": 0, "size": 2, "rate": 1, "widths": [1, 2], "pair": [1, 2.0],
           "path": "/tmp", "either": "x", "anything": [object()], "unknown_but_kwargs": 1.5}
     check_config({"seed": 0, "task": ok, "trainer": {}})
-    bad = {**ok, "seed": 0.5, "size": 1.5, "widths": [1, "x"], "flag": "yes"}
+    bad = {**ok, "depth": 0.5, "size": 1.5, "widths": [1, "x"], "flag": "yes"}
     with pytest.raises(ValueError) as info:
         check_config({"seed": 0, "task": bad, "trainer": {"steps": 1.5, "grad_clip": "x"}})
     text = str(info.value)
-    for line in ("task.seed=0.5: expected int (the annotation of _Base.__init__'s seed)",
+    for line in ("task.depth=0.5: expected int (the annotation of _Base.__init__'s depth)",
                  "task.size=1.5: expected int (the annotation of _Task.__init__'s size)",
                  "task.widths=[1, 'x']: expected a list of int", "task.flag='yes': expected bool",
                  "trainer.steps=1.5: expected int", "trainer.grad_clip='x': expected float or None"):
         assert line in text, (line, text)
+
+
+@pytest.mark.parametrize("key, example", [("seed", "seed=1"), ("device", "device=cuda")])
+def test_seed_and_device_go_down_from_the_top_level_only(key, example):
+    # the task's constructor takes them, but from launch, once: a task.seed would be overridden unseen
+    with pytest.raises(ValueError, match=rf"task\.{key}: give the run's {key} at the top level \({example}\)"):
+        check_config({"seed": 0, "task": {"_target_": f"{__name__}._Task", key: 1}, "trainer": {}})
 
 
 def test_unknown_trainer_keys_are_named():

@@ -36,14 +36,14 @@ def test_cuda_without_cuda():
         LDSTask(device="cuda")
 
 
-@pytest.mark.parametrize("key", ["batch_size", "train_trajectories", "test_rollouts", "horizon"])
+@pytest.mark.parametrize("key", ["batch_size", "train_episodes", "eval_episodes", "horizon"])
 def test_lds_sizes(key):
     with pytest.raises(ValueError, match=f"task.{key}=0: set task.{key} to an integer >= 1"):
         LDSTask(**{key: 0})
 
 
 def test_nan_in_the_data_is_a_data_error_not_an_lr_hint(tmp_path):
-    task = LDSTask(test_rollouts=4)
+    task = LDSTask(eval_episodes=4)
     task.train_x[::7] = np.nan
     with pytest.raises(ValueError, match="batch at step 0 holds NaN or inf values.*task.dataset") as info:
         train(task, {"name": "adamw"}, TrainerConfig(steps=5, progress=False), tmp_path, {})
@@ -115,7 +115,7 @@ def test_nan_in_a_robomimic_file_is_a_data_error(tmp_path, where):
         robomimic_task(path)
 
 
-@pytest.mark.parametrize("key", ["num_demos", "batch_size", "eval_episodes"])
+@pytest.mark.parametrize("key", ["train_episodes", "batch_size", "eval_episodes"])
 def test_robomimic_sizes(tmp_path, key):
     with pytest.raises(ValueError, match=f"task.{key}=0: set task.{key} to an integer >= 1"):
         robomimic_task(str(tmp_path / "never-read.hdf5"), **{key: 0})
@@ -139,13 +139,13 @@ def sft_task(fixture, **overrides):
 def test_local_dataset_tests_on_its_own_rows_by_default(tiny_sft, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    task = sft_task(tiny_sft, n_val=8, n_test=8)
+    task = sft_task(tiny_sft, val_episodes=8, eval_episodes=8)
     assert (len(task.train_examples), len(task.val_examples), len(task.test_examples)) == (48, 8, 8)
 
 
 def test_too_few_rows_counts_the_rows_it_read(tiny_sft):
-    with pytest.raises(ValueError, match=r"has 64 rows; holding out task.n_val=256 and task.n_test=500 leaves "
-                                         r"none for training. Lower them \(e.g. task.n_val=8 task.n_test=8\)"):
+    with pytest.raises(ValueError, match=r"has 64 rows; holding out task.val_episodes=256 and task.eval_episodes=500 leaves "
+                                         r"none for training. Lower them \(e.g. task.val_episodes=8 task.eval_episodes=8\)"):
         sft_task(tiny_sft)
 
 
@@ -153,4 +153,4 @@ def test_unreachable_eval_dataset_names_its_key(tiny_sft, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match=r"(?s)task.eval_dataset='nobody/nothing'.*task.eval_dataset=null"):
-        sft_task(tiny_sft, n_val=8, n_test=8, eval_dataset="nobody/nothing")
+        sft_task(tiny_sft, val_episodes=8, eval_episodes=8, eval_dataset="nobody/nothing")

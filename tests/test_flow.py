@@ -120,7 +120,7 @@ def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="two_moons"):
         make_target("moons")
     with pytest.raises(ValueError, match=r"task\.dataset='moons'.*two_moons"):
-        Flow2DTask(dataset="moons", n_train=10, n_val=10)
+        Flow2DTask(dataset="moons", train_episodes=10, val_episodes=10)
 
 
 # ---------------------------------------------------------------- loss and solvers
@@ -192,8 +192,8 @@ def _train(task, model, steps: int, optimizer):
 
 
 def test_flow_2d_training_improves_loss_and_samples():
-    task = Flow2DTask(dataset="eight_gaussians", seed=0, n_train=4000, n_val=512, hidden=64, depth=2,
-                      eval_samples=500, eval_steps=[1, 8], headline_steps=8, solvers=["euler", "midpoint"])
+    task = Flow2DTask(dataset="eight_gaussians", seed=0, train_episodes=4000, val_episodes=512, hidden=64, depth=2,
+                      eval_episodes=500, integration_steps=[1, 8], headline_steps=8, solvers=["euler", "midpoint"])
     model = task.build_model()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), task.build_model().parameters()))
     model.eval()
@@ -215,9 +215,9 @@ def test_flow_2d_training_improves_loss_and_samples():
 
 def test_flow_2d_rejects_bad_schedules():
     with pytest.raises(ValueError, match="headline_steps"):
-        Flow2DTask(n_train=10, n_val=10, eval_steps=[1, 2], headline_steps=8)
+        Flow2DTask(train_episodes=10, val_episodes=10, integration_steps=[1, 2], headline_steps=8)
     with pytest.raises(ValueError, match="solvers"):
-        Flow2DTask(n_train=10, n_val=10, solvers=["rk45"])
+        Flow2DTask(train_episodes=10, val_episodes=10, solvers=["rk45"])
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_digits_classifier_is_accurate_and_cached(digits_cache):
 
 def test_digits_metrics_on_real_and_corrupted_images(digits_cache):
     cache, _ = digits_cache
-    task = FlowDigitsTask(cache_dir=str(cache), samples_per_class=5, eval_steps=[1, 2], headline_steps=2)
+    task = FlowDigitsTask(cache_dir=str(cache), eval_episodes_per_class=5, integration_steps=[1, 2], headline_steps=2)
     real = task.reference_floor()
     assert real["acc"] > 0.9
     images, labels = task.val_x, task.val_y
@@ -251,8 +251,8 @@ def test_digits_metrics_on_real_and_corrupted_images(digits_cache):
 @pytest.mark.parametrize("model_kind", ["unet", "mlp"])
 def test_flow_digits_trains_and_reports_every_step_count(digits_cache, model_kind):
     cache, _ = digits_cache
-    task = FlowDigitsTask(model=model_kind, channels=8, hidden=64, cache_dir=str(cache), samples_per_class=5,
-                          eval_steps=[1, 4], headline_steps=4, batch_size=32)
+    task = FlowDigitsTask(model=model_kind, channels=8, hidden=64, cache_dir=str(cache), eval_episodes_per_class=5,
+                          integration_steps=[1, 4], headline_steps=4, batch_size=32)
     model = task.build_model()
     model.eval()
     before = task.validate(model)["val/loss"]
@@ -279,7 +279,7 @@ def test_dopr_trains_the_conv_unet_through_the_generic_loop(digits_cache, tmp_pa
         assert cfg_2d.task.name == "flow_2d_spirals"
         cfg = compose("config", overrides=["task=flow_digits", "opt=dopr_adamw", "logger=none",
                                            f"paths.data={cache.parent}", "task.channels=8",
-                                           "task.samples_per_class=3", "task.eval_steps=[1,2]",
+                                           "task.eval_episodes_per_class=3", "task.integration_steps=[1,2]",
                                            "task.headline_steps=2", "task.batch_size=16",
                                            "trainer.steps=4", "trainer.eval_every=4", "trainer.progress=false"])
     assert cfg.task.cache_dir == str(cache)  # the data root moves the classifier cache

@@ -131,7 +131,7 @@ class OracleLM(nn.Module):
 
 
 def small_task(**overrides):
-    kwargs = dict(seed=0, max_digits=3, n_val=24, n_test_per_length=8, d_model=32, n_layers=1,
+    kwargs = dict(seed=0, max_digits=3, val_episodes=24, eval_episodes_per_length=8, d_model=32, n_layers=1,
                   batch_size=16, sample_temperature=1.0)
     kwargs.update(overrides)
     return LMArithTask(**kwargs)
@@ -172,6 +172,32 @@ def test_test_lengths_score_only_the_chosen_lengths():
             small_task(test_lengths=bad)
 
 
+def _decoded_prompts(task, ids):
+    texts = [task.tokenizer.decode(row[1:]) for row in ids.tolist()]  # after BOS
+    return [text[: text.index("=") + 1] for text in texts]
+
+
+def test_a_finite_training_set_is_one_dataset_seen_in_shuffled_epochs():
+    pool = small_task(train_episodes=48)
+    assert len(pool.train_problems) == 48
+    assert [p.prompt for p in small_task(seed=5, train_episodes=48).train_problems] == \
+        [p.prompt for p in pool.train_problems]  # the same set for every seed
+    assert not {p.prompt for p in pool.train_problems} & pool._held_out
+    prompts = [p.prompt for p in pool.train_problems]
+    batches = pool.train_batches()
+    for _ in range(2):  # 48 problems, batches of 16: each epoch is three batches holding the set once
+        epoch = [prompt for _ in range(3) for prompt in _decoded_prompts(pool, next(batches)[0])]
+        assert sorted(epoch) == sorted(prompts)
+    other = small_task(seed=1, train_episodes=48).train_batches()
+    assert _decoded_prompts(pool, next(pool.train_batches())[0]) != _decoded_prompts(pool, next(other)[0])
+    perfect = OracleLM(pool.train_problems + pool.val_problems, pool.tokenizer)
+    metrics = pool.validate(perfect)
+    assert metrics["val/train_set_loss"] < 1e-6 and metrics["val/loss"] < 1e-6
+    assert "val/train_set_loss" not in small_task().validate(perfect)  # the unlimited stream has no train set
+    with pytest.raises(ValueError, match="train_episodes"):
+        small_task(train_episodes=0)
+
+
 def test_greedy_generation_follows_argmax_and_stops_at_eos():
     torch.manual_seed(1)
     model = GPT(vocab_size=12, max_seq_len=20, n_layers=1, d_model=16, n_heads=2).eval()
@@ -191,7 +217,7 @@ def test_greedy_generation_follows_argmax_and_stops_at_eos():
 
 
 def test_lm_arith_learns_one_digit_addition():
-    task = small_task(min_digits=1, max_digits=1, d_model=48, n_layers=2, batch_size=32, n_test_per_length=40)
+    task = small_task(min_digits=1, max_digits=1, d_model=48, n_layers=2, batch_size=32, eval_episodes_per_length=40)
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before, after = metrics_before_and_after_training(task, model, opt, steps=250)
@@ -254,8 +280,8 @@ def tiny_fixture(tmp_path_factory):
 def sft_task(tiny_fixture, **overrides):
     from dopr.tasks.llm_sft import LLMSFTTask
 
-    kwargs = dict(model=tiny_fixture["model"], dataset=tiny_fixture["dataset"], eval_dataset=None, n_val=8,
-                  n_test=8, batch_size=8, max_seq_len=128, max_new_tokens=40, lora_r=8)
+    kwargs = dict(model=tiny_fixture["model"], dataset=tiny_fixture["dataset"], eval_dataset=None, val_episodes=8,
+                  eval_episodes=8, batch_size=8, max_seq_len=128, max_new_tokens=40, lora_r=8)
     kwargs.update(overrides)
     return LLMSFTTask(**kwargs)
 
@@ -314,7 +340,7 @@ def test_missing_model_or_dataset_says_how_to_fetch(tiny_fixture, tmp_path):
     empty_model_dir.mkdir()
     with pytest.raises(RuntimeError, match="hf download"):
         LLMSFTTask(model=str(empty_model_dir), dataset=tiny_fixture["dataset"], eval_dataset=None,
-                   n_val=2, n_test=2)
+                   val_episodes=2, eval_episodes=2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n")
     with pytest.raises(ValueError, match="match no known schema"):
@@ -329,11 +355,11 @@ def test_task_configs_compose_and_build(tiny_fixture):
 
     config_dir = str(Path(__file__).resolve().parents[1] / "configs")
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("config", overrides=["task=lm_arith", "task.n_test_per_length=2", "task.n_val=4"])
+        cfg = compose("config", overrides=["task=lm_arith", "task.eval_episodes_per_length=2", "task.val_episodes=4"])
         task = instantiate(cfg.task, _convert_="all")
         assert isinstance(task, LMArithTask) and task.seq_len == task.problems.max_sequence_length()
         cfg = compose("config", overrides=["task=llm_sft", f"task.model={tiny_fixture['model']}",
                                            f"task.dataset={tiny_fixture['dataset']}", "task.eval_dataset=null",
-                                           "task.n_val=4", "task.n_test=4", "task.max_seq_len=128"])
+                                           "task.val_episodes=4", "task.eval_episodes=4", "task.max_seq_len=128"])
         task = instantiate(cfg.task, _convert_="all")
         assert len(task.test_examples) == 4 and len(task.train_examples) == 64 - 8

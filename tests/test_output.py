@@ -51,8 +51,8 @@ def test_robomimic_run_logs_robosuite_to_the_run_dir_and_prints_a_few_lines(lift
 
 def test_local_parallel_sweep_runs_one_thread_per_job(tmp_path):
     run("run.py", "-m", "hydra/launcher=local", "task=lds", "seed=0,1", "logger=none", f"hydra.sweep.dir={tmp_path}",
-        "trainer.steps=10", "trainer.eval_every=10", "trainer.progress=false", "task.test_rollouts=4",
-        "task.test_horizon=10")
+        "trainer.steps=10", "trainer.eval_every=10", "trainer.progress=false", "task.eval_episodes=4",
+        "task.max_episode_steps=10")
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
     assert len(summaries) == 2
     for summary in summaries:

@@ -12,11 +12,11 @@ from dopr.launch import resolve_run_dir
 from dopr.tasks.lds import LDSTask
 from dopr.train import CHECKPOINT, CorruptCheckpointError, TrainerConfig, load_checkpoint, train
 
-TASK = dict(seed=3, test_rollouts=4, test_horizon=20)
+TASK = dict(seed=3, eval_episodes=4, max_episode_steps=20)
 TRAINER = TrainerConfig(steps=20, eval_every=10, progress=False)
 OPT = {"name": "adamw", "lr": 1e-3}
 CONFIG = {"seed": 3, "resume": False, "device": "cpu", "logger": {"name": "none"},
-          "task": {"name": "lds", "seed": 3, "device": "cpu"}, "opt": OPT,
+          "task": {"name": "lds"}, "opt": OPT,
           "trainer": {"steps": 20, "eval_every": 10, "progress": False, "threads": None}}
 
 
@@ -40,7 +40,7 @@ def finished_run(tmp_path):
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"seed": 4, "task.seed": 4}, ["seed: 3 -> 4", "task.seed: 3 -> 4"]),
+    ({"seed": 4}, ["seed: 3 -> 4"]),
     ({"opt.lr": 3e-3}, ["opt.lr: 0.001 -> 0.003"]),
     ({"task.name": "flow_2d"}, ["task.name: 'lds' -> 'flow_2d'"]),
 ])
@@ -57,7 +57,7 @@ def test_resume_with_a_changed_config_is_refused_and_touches_nothing(finished_ru
 
 
 def test_resume_may_change_logger_device_threads_progress(finished_run):
-    changed = _with(CONFIG, **{"resume": True, "logger.mode": "offline", "device": "cuda", "task.device": "cuda",
+    changed = _with(CONFIG, **{"resume": True, "logger.mode": "offline", "device": "cuda",
                                "trainer.threads": 2, "trainer.progress": True})
     summary = train(LDSTask(**TASK), OPT, TRAINER, finished_run, changed, resume=True)
     assert summary["status"] == "finished" and summary["last"]["step"] == 20

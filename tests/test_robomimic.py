@@ -397,6 +397,6 @@ def test_paths_data_moves_where_generated_demos_are_written(tmp_path):
 
 def test_make_demos_writes_by_default_the_file_the_task_reads(tmp_path, capsys):
     make_demos = load_script("make_demos")
-    make_demos.main(["env=lift", "num_demos=2", "seed=1", f"demos_dir={tmp_path}"])
+    make_demos.main(["env=lift", "gen_demos=2", "seed=1", f"demos_dir={tmp_path}"])
     expected = generated_demos_path(tmp_path, "Lift", "low_dim", 2, 1)
     assert expected == tmp_path / "Lift_low_dim_2demos_seed1.hdf5" and expected.is_file()

@@ -17,7 +17,7 @@ from crashing_task import Crash, CrashingLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-TINY = ["trainer.steps=30", "trainer.eval_every=10", "trainer.progress=false", "task.test_rollouts=8", "task.test_horizon=30"]
+TINY = ["trainer.steps=30", "trainer.eval_every=10", "trainer.progress=false", "task.eval_episodes=8", "task.max_episode_steps=30"]
 
 
 def run_py(*args, cwd=ROOT):
@@ -68,7 +68,7 @@ def test_wandb_offline_logger(tmp_path):
 
 @pytest.mark.parametrize("opt", ["dopr_adamw", "dopr_muon"])
 def test_resume_reaches_the_same_final_metrics(tmp_path, opt):
-    kw = dict(seed=3, test_rollouts=8, test_horizon=30)
+    kw = dict(seed=3, eval_episodes=8, max_episode_steps=30)
     cfg = TrainerConfig(steps=40, eval_every=10, warmup_steps=5, ema_decay=0.9, grad_clip=1.0, progress=False)
     full = train(LDSTask(**kw), {"name": opt, "lr": 3e-3}, cfg, tmp_path / "full", {})
     with pytest.raises(Crash):
@@ -89,7 +89,7 @@ def test_nan_loss_is_a_clear_error(tmp_path):
             return super().loss(model, batch) * float("nan")
 
     with pytest.raises(FloatingPointError, match="non-finite training loss.*Lower opt.lr"):
-        train(NaNTask(test_rollouts=4), {"name": "adamw"}, TrainerConfig(steps=5, progress=False), tmp_path, {})
+        train(NaNTask(eval_episodes=4), {"name": "adamw"}, TrainerConfig(steps=5, progress=False), tmp_path, {})
 
 
 def test_unknown_task_and_optimizer_name_the_choices(tmp_path):

@@ -23,7 +23,7 @@ from crashing_task import Crash, CrashingLDS
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
 TINY = ("task=lds", "logger=none", "trainer.steps=20", "trainer.eval_every=10", "trainer.progress=false",
-        "trainer.threads=1", "task.test_rollouts=4", "task.test_horizon=20")
+        "trainer.threads=1", "task.eval_episodes=4", "task.max_episode_steps=20")
 RECORDS = ("summary.json", "metrics.jsonl", CHECKPOINT)
 
 
@@ -114,16 +114,16 @@ def test_what_a_fresh_run_may_not_replace(tmp_path, leftovers, held):
 def test_a_fresh_run_removes_a_previous_checkpoint(tmp_path):
     # overwrite=true: a crash before the new run's first checkpoint must not leave the old one to resume
     trainer = TrainerConfig(steps=20, eval_every=10, progress=False)
-    train(LDSTask(seed=0, test_rollouts=4, test_horizon=20), {"name": "adamw"}, trainer, tmp_path, {"seed": 0})
+    train(LDSTask(seed=0, eval_episodes=4, max_episode_steps=20), {"name": "adamw"}, trainer, tmp_path, {"seed": 0})
 
     with pytest.raises(Crash):
-        train(CrashingLDS(crash_at=0, seed=1, test_rollouts=4, test_horizon=20), {"name": "adamw"}, trainer, tmp_path,
+        train(CrashingLDS(crash_at=0, seed=1, eval_episodes=4, max_episode_steps=20), {"name": "adamw"}, trainer, tmp_path,
               {"seed": 1})
     assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 # --- a torn metrics line after a crash -----------------------------------------------------------
-TASK = dict(seed=3, test_rollouts=4, test_horizon=20)
+TASK = dict(seed=3, eval_episodes=4, max_episode_steps=20)
 TRAINER = TrainerConfig(steps=40, eval_every=10, progress=False)
 
 
@@ -155,8 +155,8 @@ def test_a_corrupt_middle_metrics_line_names_the_file_and_line(crashed_run):
 
 
 # --- dopr/runner.py: reuse a finished run only when it is what the job would run now --------------
-JOB = ("task=lds", "opt=adamw", "seed=0", "trainer.steps=20", "trainer.eval_every=10", "task.test_rollouts=4",
-       "task.test_horizon=20")
+JOB = ("task=lds", "opt=adamw", "seed=0", "trainer.steps=20", "trainer.eval_every=10", "task.eval_episodes=4",
+       "task.max_episode_steps=20")
 
 
 @pytest.fixture(scope="module")

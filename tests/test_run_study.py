@@ -214,9 +214,9 @@ EXPECTED_RUNS = {
     "flow_digits_unet": (92, "282e26cbbe823b1e"),
     "gym_hopper_noise": (460, "4b9056101cd4b8b3"),
     "gym_walker2d_budget": (348, "9e5f1342c6fe075d"),
-    "lds_anisotropy": (408, "4eecd97404299017"),
-    "lm_arith_len45": (195, "9c5352d6833c6beb"),
-    "robomimic_lift_3demos": (92, "99fab0dd1568301c"),
+    "lds_anisotropy": (408, "629433d20b71f396"),
+    "lm_arith_len45": (195, "684f9ef0889921fc"),
+    "robomimic_lift_3demos": (92, "1fcdc4385af8d946"),
 }
 
 

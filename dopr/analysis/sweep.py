@@ -32,8 +32,6 @@ import pandas as pd
 from dopr.analysis.stats import higher_is_better
 from dopr.records import RecordsError, read_metrics, read_summary
 
-# How many episodes (rollouts) one evaluation averages: task families name it differently.
-EVAL_EPISODE_KEYS = ("task.eval_episodes", "task.test_rollouts")
 META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed", "status", "eval_episodes",
         "steps"]
 # What provenance.json needs about each run, kept as columns so that an evals.csv carries it too.
@@ -166,8 +164,7 @@ def read_sweep_dir(sweep_dir: Path, keys: list[str] = ()) -> Sweep:
                 "gp": gp_name(name), "opt.lr": config_value(config, "opt.lr"),
                 "opt.ap.damping": config_value(config, "opt.ap.damping") if uses_ap(name) else None,
                 "seed": config_value(config, "seed"), "status": summary.get("status"),
-                "eval_episodes": next((v for k in EVAL_EPISODE_KEYS if (v := config_value(config, k)) is not None),
-                                      None),
+                "eval_episodes": config_value(config, "task.eval_episodes"),
                 "steps": config_value(config, "trainer.steps")}
         meta.update({k: config_value(config, k) for k in keys})
         git = summary.get("git") or {}

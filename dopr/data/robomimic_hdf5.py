@@ -31,7 +31,7 @@ REAL_DATASETS_HINT = (
     "can/ph/low_dim.hdf5) are listed at https://robomimic.github.io/docs/datasets/robomimic_v0.1.html "
     "and fetched with robomimic's scripts/download_datasets.py; pass the file with task.dataset=<path>. "
     "For Lift/Can/Square you can instead generate demonstrations with "
-    "`python scripts/make_demos.py env=lift num_demos=60` (it writes the file the task reads)."
+    "`python scripts/make_demos.py env=lift gen_demos=60` (it writes the file the task reads)."
 )
 
 

@@ -207,8 +207,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
 
     ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every supported layer (Linear, Conv1d/2d,
     MultiheadAttention, Hugging Face Conv1D; ``opt.coverage()`` lists what it covers), configured
-    by ``ap``: an :class:`APConfig` or a dict of its fields (damping, ema, stat_interval,
-    inverse_interval, max_rows, bias, warmup_steps, exclude, solver), the same names as
+    by ``ap``: an :class:`APConfig` or a dict of its fields (damping, stat_decay, stat_interval,
+    inverse_interval, max_rows, bias, start_step, exclude, solver), the same names as
     ``opt.ap.<field>`` on the command line. Matrix GPs (muon, adamuon) send the parameters that
     ``route_params`` does not call matrices to AdamW (adamw_lr, adamw_weight_decay, adamw_betas
     default to lr, weight_decay, (0.9, 0.999)). Raises ValueError on anything

@@ -45,13 +45,13 @@ def _same(value):
 # field -> (is the value valid, its normalized form, the expected form for the error message)
 _AP_SETTINGS = {
     "damping": (lambda v: is_number(v) and v >= 0, float, "a finite number >= 0, e.g. 1e-3"),
-    "ema": (lambda v: is_number(v) and 0 <= v < 1, float, "a number in [0, 1), e.g. 0.0 or 0.95"),
+    "stat_decay": (lambda v: is_number(v) and 0 <= v < 1, float, "a number in [0, 1), e.g. 0.0 or 0.95"),
     "stat_interval": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 1"),
     "inverse_interval": (lambda v: is_integer(v) and v >= 1, int, "an integer >= 1, e.g. 1"),
     "max_rows": (lambda v: v is None or (is_integer(v) and v >= 1), lambda v: v if v is None else int(v),
                  "null (every row) or an integer >= 1, e.g. 4096"),
     "bias": (lambda v: isinstance(v, str) and v in BIAS_MODES, _same, f"one of {', '.join(BIAS_MODES)}"),
-    "warmup_steps": (lambda v: is_integer(v) and v >= 0, int, "an integer >= 0, e.g. 0"),
+    "start_step": (lambda v: is_integer(v) and v >= 0, int, "an integer >= 0, e.g. 0"),
     "exclude": (lambda v: _exclude_patterns(v) is not None, _exclude_patterns,
                 "a module-name pattern (fnmatch) or a list of them, e.g. head or [head, 'encoder.*']"),
     "solver": (lambda v: isinstance(v, str) and v in SOLVERS, _same, f"one of {', '.join(SOLVERS)}"),
@@ -72,18 +72,18 @@ class APConfig:
     """Hyperparameters of activation preconditioning. Paper defaults: per-batch S, every step."""
 
     damping: float = 1e-3  # relative to the mean eigenvalue tr(S)/d
-    ema: float = 0.0  # 0: S of the current batch; b in (0,1): S <- b*S + (1-b)*S_batch
+    stat_decay: float = 0.0  # 0: S of the current batch; b in (0,1): S <- b*S + (1-b)*S_batch
     stat_interval: int = 1  # record statistics every k steps
     inverse_interval: int = 1  # recompute P every k steps (staggered across layers when > 1)
     max_rows: int | None = None  # sub-sample z to about this many rows (strided, no RNG)
     bias: str = "augment"  # "augment": precondition [W b] with z augmented by 1; "gp": biases untouched
-    warmup_steps: int = 0  # plain gradients for the first k steps
+    start_step: int = 0  # AP from this step on; plain gradients before it
     exclude: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names to skip (a str is one)
     solver: str = "auto"  # "auto": batch-space (Woodbury) G P when it is cheaper; "primal": always d x d
 
     def batch_space_allowed(self) -> bool:
         """Woodbury needs S to be exactly this step's batch and a nonzero damping."""
-        return (self.solver == "auto" and self.ema == 0 and self.stat_interval == 1
+        return (self.solver == "auto" and self.stat_decay == 0 and self.stat_interval == 1
                 and self.inverse_interval == 1 and self.damping > 0)
 
     def __post_init__(self):

@@ -180,7 +180,7 @@ class ActivationPreconditioner:
 
         Only gradients a backward wrote since the last call are rewritten (each backward's once).
         A call that finds none (``step(); step()`` after one backward) changes no gradient and does
-        not count as a step for ``stat_interval``, ``inverse_interval`` or ``warmup_steps``.
+        not count as a step for ``stat_interval``, ``inverse_interval`` or ``start_step``.
         """
         new = {id(layer) for layer in self.layers if layer.has_new_grad()}
         if new:
@@ -212,7 +212,7 @@ class ActivationPreconditioner:
             single_process = world()[0] == 1
             for layer in self.layers:
                 if layer.kept:
-                    if (single_process and self.steps >= cfg.warmup_steps and layer.batch_space_cheaper()
+                    if (single_process and self.steps >= cfg.start_step and layer.batch_space_cheaper()
                             and id(layer) in new):
                         batch_space.append(layer)
                     else:
@@ -228,9 +228,9 @@ class ActivationPreconditioner:
                 if not bool(torch.isfinite(S_batch.sum())):
                     self._warn_non_finite(layer)
                     continue  # never enters S or its EMA; the layer keeps its last inverse
-                if cfg.ema > 0 and layer.S is not None:
+                if cfg.stat_decay > 0 and layer.S is not None:
                     # .to: after a model.double() / .bfloat16() the average continues in the new precision
-                    layer.S = layer.S.to(S_batch).mul_(cfg.ema).add_(S_batch, alpha=1 - cfg.ema)
+                    layer.S = layer.S.to(S_batch).mul_(cfg.stat_decay).add_(S_batch, alpha=1 - cfg.stat_decay)
                 else:
                     layer.S = S_batch
         self._refresh_inverses()
@@ -238,7 +238,7 @@ class ActivationPreconditioner:
             self._batch_space_step(batch_space)
         for layer in self.layers:
             layer.reset()
-        if self.steps >= cfg.warmup_steps:
+        if self.steps >= cfg.start_step:
             for layer in self.layers:
                 if id(layer) not in new or layer.P is None or layer in batch_space:
                     continue
@@ -307,7 +307,7 @@ class ActivationPreconditioner:
                 layer.P = inverse
         if world_size > 1:
             broadcast_inverses(due, world_size, rank)
-        if self.config.ema == 0:
+        if self.config.stat_decay == 0:
             for layer in due:
                 layer.S = None  # not needed again until the next statistics step
 

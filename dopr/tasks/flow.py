@@ -42,11 +42,14 @@ def _metric_key(metric: str, steps: int, solver: str, primary_solver: str) -> st
     return f"test/{metric}{suffix}@{steps}"
 
 
-def _check_eval_schedule(eval_steps: Sequence[int], solvers: Sequence[str], headline_steps: int) -> None:
-    if not eval_steps or any(int(k) < 1 for k in eval_steps):
-        raise ValueError(f"eval_steps must be a non-empty list of positive step counts, got {list(eval_steps)}")
-    if headline_steps not in [int(k) for k in eval_steps]:
-        raise ValueError(f"headline_steps={headline_steps} must be one of eval_steps={list(eval_steps)}")
+def _check_integration_schedule(integration_steps: Sequence[int], solvers: Sequence[str],
+                                headline_steps: int) -> None:
+    if not integration_steps or any(int(k) < 1 for k in integration_steps):
+        raise ValueError(f"task.integration_steps must be a non-empty list of positive step counts, "
+                         f"got {list(integration_steps)}")
+    if headline_steps not in [int(k) for k in integration_steps]:
+        raise ValueError(f"task.headline_steps={headline_steps} must be one of "
+                         f"task.integration_steps={list(integration_steps)}")
     if not solvers or any(s not in SOLVERS for s in solvers):
         raise ValueError(f"solvers must be a non-empty list from {SOLVERS}, got {list(solvers)}")
 
@@ -57,14 +60,14 @@ class _FlowTaskBase(Task):
     higher_is_better = False
 
     def __init__(self, seed: int = 0, device: str = "cpu", batch_size: int = 256,
-                 val_repeats: int = 4, eval_steps: Sequence[int] = (1, 2, 4, 8, 16, 64),
+                 val_repeats: int = 4, integration_steps: Sequence[int] = (1, 2, 4, 8, 16, 64),
                  solvers: Sequence[str] = ("euler",), headline_steps: int = 8,
                  data_seed: int = 0, eval_seed: int = 1234, **kwargs: Any):
         super().__init__(seed=seed, device=device, **kwargs)
-        self.eval_steps = [int(k) for k in eval_steps]
+        self.integration_steps = [int(k) for k in integration_steps]
         self.solvers = list(solvers)
         self.headline_steps = int(headline_steps)
-        _check_eval_schedule(self.eval_steps, self.solvers, self.headline_steps)
+        _check_integration_schedule(self.integration_steps, self.solvers, self.headline_steps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -135,17 +138,17 @@ class Flow2DTask(_FlowTaskBase):
     """Flow matching on a 2-D target with a known density (``dataset``: checkerboard,
     eight_gaussians, two_moons, spirals). Model: FlowMLP with sinusoidal time features.
 
-    Training data is a fixed set of ``n_train`` samples drawn with ``data_seed`` (shared by all
-    seeds, so seeds vary initialization and minibatch order only); validation uses ``n_val`` other
-    samples. Evaluation integrates ``eval_samples`` fixed noise vectors (drawn with ``eval_seed``,
+    Training data is a fixed set of ``train_episodes`` samples drawn with ``data_seed`` (shared by all
+    seeds, so seeds vary initialization and minibatch order only); validation uses ``val_episodes`` other
+    samples. Evaluation integrates ``eval_episodes`` fixed noise vectors (drawn with ``eval_seed``,
     the same for every run, so optimizers are compared on the same starting points) and compares
-    with ``eval_samples`` fresh ground-truth samples.
+    with ``eval_episodes`` fresh ground-truth samples.
     """
 
     headline_metric = "test/swd"
 
-    def __init__(self, dataset: str = "checkerboard", n_train: int = 20000, n_val: int = 4096,
-                 hidden: int = 128, depth: int = 3, time_dim: int = 32, eval_samples: int = 2000,
+    def __init__(self, dataset: str = "checkerboard", train_episodes: int = 20000, val_episodes: int = 4096,
+                 hidden: int = 128, depth: int = 3, time_dim: int = 32, eval_episodes: int = 2000,
                  num_projections: int = 128, target_kwargs: dict | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if dataset not in TARGETS_2D:
@@ -153,15 +156,16 @@ class Flow2DTask(_FlowTaskBase):
         self.dataset = dataset
         self.target = make_target(dataset, **(target_kwargs or {}))
         self.hidden, self.depth, self.time_dim = int(hidden), int(depth), int(time_dim)
-        self.eval_samples, self.num_projections = int(eval_samples), int(num_projections)
-        if n_train < 1 or n_val < 1 or eval_samples < 2:
-            raise ValueError(f"need n_train >= 1, n_val >= 1, eval_samples >= 2; got {n_train}, {n_val}, {eval_samples}")
+        self.eval_episodes, self.num_projections = int(eval_episodes), int(num_projections)
+        if train_episodes < 1 or val_episodes < 1 or eval_episodes < 2:
+            raise ValueError(f"need task.train_episodes >= 1, task.val_episodes >= 1, task.eval_episodes >= 2; "
+                             f"got {train_episodes}, {val_episodes}, {eval_episodes}")
         data_gen = torch.Generator().manual_seed(self.data_seed)
-        self.train_x, self.train_y = self.target.sample(int(n_train), data_gen), None
-        self.val_x, self.val_y = self.target.sample(int(n_val), data_gen), None
+        self.train_x, self.train_y = self.target.sample(int(train_episodes), data_gen), None
+        self.val_x, self.val_y = self.target.sample(int(val_episodes), data_gen), None
         eval_gen = torch.Generator().manual_seed(self.eval_seed)
-        self.eval_noise = torch.randn(self.eval_samples, 2, generator=eval_gen)
-        self.eval_reference = self.target.sample(self.eval_samples, eval_gen)
+        self.eval_noise = torch.randn(self.eval_episodes, 2, generator=eval_gen)
+        self.eval_reference = self.target.sample(self.eval_episodes, eval_gen)
 
     def build_model(self) -> nn.Module:
         return self._build_seeded(lambda: FlowMLP(2, hidden=self.hidden, depth=self.depth, time_dim=self.time_dim))
@@ -171,7 +175,7 @@ class Flow2DTask(_FlowTaskBase):
         metrics: dict[str, float] = {}
         noise = self.eval_noise.to(self.device)
         for solver in self.solvers:
-            for steps in self.eval_steps:
+            for steps in self.integration_steps:
                 samples = integrate(model, noise, steps, solver).cpu()
                 metrics[_metric_key("swd", steps, solver, self.solvers[0])] = sliced_wasserstein(
                     samples, self.eval_reference, self.num_projections)
@@ -187,7 +191,7 @@ class Flow2DTask(_FlowTaskBase):
         against.
         """
         generator = torch.Generator().manual_seed(self.eval_seed + 99)
-        true_samples = self.target.sample(self.eval_samples, generator)
+        true_samples = self.target.sample(self.eval_episodes, generator)
         return {"swd": sliced_wasserstein(true_samples, self.eval_reference, self.num_projections),
                 "nll": float(-self.target.log_prob(true_samples).mean())}
 
@@ -203,7 +207,7 @@ class FlowDigitsTask(_FlowTaskBase):
     """Class-conditional flow matching on sklearn's 8x8 digits with a conv U-Net (``model: unet``)
     or an MLP (``model: mlp``).
 
-    Evaluation draws ``samples_per_class`` images for each digit from fixed noise (``eval_seed``),
+    Evaluation draws ``eval_episodes_per_class`` images for each digit from fixed noise (``eval_seed``),
     clamps them to the data range [-1, 1], and reports the Fréchet distance between the cached
     classifier's features of the samples and of the training images (``test/fid@k``) and the
     classifier's accuracy at recovering the conditioning label (``test/acc@k``).
@@ -212,7 +216,7 @@ class FlowDigitsTask(_FlowTaskBase):
     headline_metric = "test/fid"
 
     def __init__(self, model: str = "unet", channels: int = 32, hidden: int = 512, depth: int = 3,
-                 time_dim: int = 64, samples_per_class: int = 100, cache_dir: str | None = None,
+                 time_dim: int = 64, eval_episodes_per_class: int = 100, cache_dir: str | None = None,
                  classifier_seed: int = 0, **kwargs: Any):
         kwargs.setdefault("batch_size", 128)
         kwargs.setdefault("headline_steps", 16)
@@ -227,7 +231,7 @@ class FlowDigitsTask(_FlowTaskBase):
         classifier, self.classifier_test_accuracy = load_or_train_digits_classifier(cache_dir, classifier_seed)
         self.sample_quality = DigitsSampleQuality(classifier, self.train_x, self.device)
         eval_gen = torch.Generator().manual_seed(self.eval_seed)
-        self.eval_labels = torch.arange(10).repeat_interleave(int(samples_per_class))
+        self.eval_labels = torch.arange(10).repeat_interleave(int(eval_episodes_per_class))
         self.eval_noise = torch.randn(len(self.eval_labels), 1, 8, 8, generator=eval_gen)
 
     def build_model(self) -> nn.Module:
@@ -242,7 +246,7 @@ class FlowDigitsTask(_FlowTaskBase):
         metrics: dict[str, float] = {}
         noise, labels = self.eval_noise.to(self.device), self.eval_labels.to(self.device)
         for solver in self.solvers:
-            for steps in self.eval_steps:
+            for steps in self.integration_steps:
                 quality = self.sample_quality(integrate(model, noise, steps, solver, labels), labels)
                 for name, value in quality.items():
                     metrics[_metric_key(name, steps, solver, self.solvers[0])] = value

@@ -49,7 +49,7 @@ class GymBCTask(Task):
     def __init__(self, dataset: str, seed: int = 0, device: str = "cpu", datasets_path: str | None = None,
                  env_id: str | None = None, train_episodes: int | None = None, val_episodes: int = 2,
                  batch_size: int = 256, width: int = 256, depth: int = 3, expansion: int = 2,
-                 eval_episodes: int = 5, eval_seed: int = 100_000, max_eval_steps: int | None = None,
+                 eval_episodes: int = 5, eval_seed: int = 100_000, max_episode_steps: int | None = None,
                  expert_return: float | None = None, val_batch_size: int = 8192, video: bool = False,
                  **kwargs: Any):
         super().__init__(seed=seed, device=device)
@@ -58,7 +58,8 @@ class GymBCTask(Task):
             raise TypeError(f"GymBCTask got unknown config keys {unknown}")
         # val_episodes >= 1: the validation loss needs held-out episodes
         require_at_least(1, val_episodes=val_episodes, train_episodes=train_episodes, batch_size=batch_size,
-                         eval_episodes=eval_episodes, max_eval_steps=max_eval_steps, val_batch_size=val_batch_size,
+                         eval_episodes=eval_episodes, max_episode_steps=max_episode_steps,
+                         val_batch_size=val_batch_size,
                          width=width, depth=depth, expansion=expansion)
         wanted = None if train_episodes is None else int(train_episodes) + int(val_episodes)
         episodes = load_minari_episodes(dataset, datasets_path, max_episodes=wanted)
@@ -94,7 +95,8 @@ class GymBCTask(Task):
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.width, self.depth, self.expansion = int(width), int(depth), int(expansion)
-        self.eval_episodes, self.eval_seed, self.max_eval_steps = int(eval_episodes), int(eval_seed), max_eval_steps
+        self.eval_episodes, self.eval_seed = int(eval_episodes), int(eval_seed)
+        self.max_episode_steps = max_episode_steps
         self.video = bool(video)  # test/video: the first evaluation episode's frames
         self._train_obs_t = torch.as_tensor(self.train_obs, device=self.device)
         self._train_act_t = torch.as_tensor(self.train_act, device=self.device)
@@ -144,7 +146,7 @@ class GymBCTask(Task):
             return model(obs).cpu().numpy()
 
         result = rollout_policy(act, self.env_id, self.eval_episodes, seed=self.eval_seed,
-                                max_steps=self.max_eval_steps, video=self.video)
+                                max_steps=self.max_episode_steps, video=self.video)
         shift = gaussian_state_shift(result.states, self.train_obs)
         metrics = {
             "test/return": result.mean_return,

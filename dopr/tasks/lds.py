@@ -43,13 +43,13 @@ class LDSTask(Task):
 
     def __init__(self, seed: int = 0, device: str = "cpu", name: str = "lds", system_seed: int = 0,
                  state_dim: int = 8, action_dim: int = 3, unstable: float = 0.2, noise_cond: float = 1e4,
-                 train_trajectories: int = 5, val_trajectories: int = 10, horizon: int = 50,
-                 test_rollouts: int = 64, test_horizon: int = 100, hidden: int = 64, depth: int = 2,
+                 train_episodes: int = 5, val_episodes: int = 10, horizon: int = 50,
+                 eval_episodes: int = 64, max_episode_steps: int = 100, hidden: int = 64, depth: int = 2,
                  batch_size: int = 64):
         super().__init__(seed=seed, device=device)
-        require_at_least(1, state_dim=state_dim, action_dim=action_dim, train_trajectories=train_trajectories,
-                         val_trajectories=val_trajectories, horizon=horizon, test_rollouts=test_rollouts,
-                         test_horizon=test_horizon, hidden=hidden, batch_size=batch_size)
+        require_at_least(1, state_dim=state_dim, action_dim=action_dim, train_episodes=train_episodes,
+                         val_episodes=val_episodes, horizon=horizon, eval_episodes=eval_episodes,
+                         max_episode_steps=max_episode_steps, hidden=hidden, batch_size=batch_size)
         if depth < 2:
             raise ValueError(f"task.depth={depth}: set task.depth >= 2 hidden layers, so the policy learns features")
         self.name = name
@@ -57,15 +57,16 @@ class LDSTask(Task):
         self.A, self.B, self.W, self.K, self.Q, self.R = random_system(state_dim, action_dim, unstable, noise_cond, rng)
         self.noise_chol = np.linalg.cholesky(self.W)
         self.hidden, self.depth, self.batch_size = hidden, depth, batch_size
-        self.test_rollouts, self.test_horizon = test_rollouts, test_horizon
+        self.eval_episodes, self.max_episode_steps = eval_episodes, max_episode_steps
 
         data_rng = np.random.default_rng([system_seed, seed])
-        self.train_x, self.train_u = self._demonstrations(train_trajectories, horizon, data_rng)
-        self.val_x, self.val_u = self._demonstrations(val_trajectories, horizon, np.random.default_rng([system_seed, 10**6]))
+        self.train_x, self.train_u = self._demonstrations(train_episodes, horizon, data_rng)
+        self.val_x, self.val_u = self._demonstrations(val_episodes, horizon,
+                                                      np.random.default_rng([system_seed, 10**6]))
         # Test rollouts: fixed initial states and noise, shared by every seed and optimizer.
         test_rng = np.random.default_rng([system_seed, 2 * 10**6])
-        self.test_x0 = self._initial_states(test_rollouts, test_rng)
-        self.test_noise = test_rng.standard_normal((test_horizon, test_rollouts, state_dim)) @ self.noise_chol.T
+        self.test_x0 = self._initial_states(eval_episodes, test_rng)
+        self.test_noise = test_rng.standard_normal((max_episode_steps, eval_episodes, state_dim)) @ self.noise_chol.T
         self.expert_states, self.expert_cost = self._rollout(lambda x: -x @ self.K.T)
         cov = np.cov(self.train_x.T)
         self.state_cov_condition = float(np.linalg.cond(cov))
@@ -89,7 +90,7 @@ class LDSTask(Task):
         x = self.test_x0.copy()
         alive = np.ones(len(x), dtype=bool)
         states, cost = [x.copy()], np.zeros(len(x))
-        for t in range(self.test_horizon):
+        for t in range(self.max_episode_steps):
             u = policy(x)
             cost += np.where(alive, np.einsum("ni,ij,nj->n", x, self.Q, x) + np.einsum("ni,ij,nj->n", u, self.R, u), 0.0)
             x = x @ self.A.T + u @ self.B.T + self.test_noise[t]

@@ -92,9 +92,9 @@ class LLMSFTTask(Task):
 
     def __init__(self, seed: int = 0, device: str = "cpu", model: str = "meta-llama/Llama-3.2-3B",
                  dataset: str = "nvidia/OpenMathInstruct-2", dataset_config: str | None = None,
-                 train_split: str = "train_1M", max_train_examples: int | None = 100_000,
+                 train_split: str = "train_1M", train_episodes: int | None = 100_000,
                  eval_dataset: str | None = "auto", eval_dataset_config: str | None = "main",
-                 eval_split: str = "test", n_val: int = 256, n_test: int = 500, batch_size: int = 8,
+                 eval_split: str = "test", val_episodes: int = 256, eval_episodes: int = 500, batch_size: int = 8,
                  eval_batch_size: int = 16, max_seq_len: int = 1024, max_new_tokens: int = 512,
                  lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
                  lora_target_modules: Any = "all-linear", dtype: str = "auto",
@@ -109,30 +109,31 @@ class LLMSFTTask(Task):
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.max_seq_len, self.max_new_tokens = int(max_seq_len), int(max_new_tokens)
         require_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, max_seq_len=max_seq_len,
-                         max_new_tokens=max_new_tokens, n_val=n_val, n_test=n_test,
-                         max_train_examples=max_train_examples)
+                         max_new_tokens=max_new_tokens, val_episodes=val_episodes, eval_episodes=eval_episodes,
+                         train_episodes=train_episodes)
         if eval_dataset == "auto":  # a local training file is the offline case: test on its own held-out rows
             eval_dataset = None if is_local(dataset) else HUB_EVAL_DATASET
 
         self.tokenizer = self._load_tokenizer()
-        n_val, n_test = int(n_val), int(n_test)
-        held_out = n_val + (0 if eval_dataset else n_test)
-        limit = None if max_train_examples is None else int(max_train_examples) + held_out
+        val_episodes, eval_episodes = int(val_episodes), int(eval_episodes)
+        held_out = val_episodes + (0 if eval_dataset else eval_episodes)
+        limit = None if train_episodes is None else int(train_episodes) + held_out
         examples = load_examples(dataset, dataset_config, train_split, limit)
         if len(examples) <= held_out:
-            held = f"task.n_val={n_val}" + ("" if eval_dataset else f" and task.n_test={n_test}")
+            held = (f"task.val_episodes={val_episodes}"
+                    + ("" if eval_dataset else f" and task.eval_episodes={eval_episodes}"))
             room = max(1, len(examples) // 8)
             raise ValueError(
                 f"task.dataset={dataset!r} has {len(examples)} rows; holding out {held} leaves none for training. "
-                f"Lower them (e.g. task.n_val={room}" + ("" if eval_dataset else f" task.n_test={room}")
+                f"Lower them (e.g. task.val_episodes={room}" + ("" if eval_dataset else f" task.eval_episodes={room}")
                 + ") or use a bigger dataset")
         random.Random(self.seed).shuffle(examples)
         if eval_dataset:
-            test = load_examples(eval_dataset, eval_dataset_config, eval_split, n_test, key="task.eval_dataset")
+            test = load_examples(eval_dataset, eval_dataset_config, eval_split, eval_episodes, key="task.eval_dataset")
         else:  # hold the test set out of the training file as well
-            test, examples = examples[:n_test], examples[n_test:]
-        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
-        self.test_examples = test[:n_test]
+            test, examples = examples[:eval_episodes], examples[eval_episodes:]
+        self.val_examples, self.train_examples = examples[:val_episodes], examples[val_episodes:]
+        self.test_examples = test[:eval_episodes]
         self._train_encoded = [e for e in map(self._encode, self.train_examples) if e is not None]
         self._val_encoded = [e for e in map(self._encode, self.val_examples) if e is not None]
         if not self._train_encoded:

@@ -23,6 +23,9 @@ from dopr.tasks.base import Task, require_at_least
 # Eval sets are drawn from this fixed stream, not from the run seed, so that every optimizer and
 # seed is scored on the same held-out problems.
 EVAL_DATA_SEED = 1_000_003
+# A finite training set (task.train_episodes) is drawn from this one, so that it is one dataset for
+# every seed and optimizer (the seed varies the initialization and the batch order).
+TRAIN_DATA_SEED = 1_000_033
 
 
 def _problem_space_size(generator: ArithmeticProblems, length: int) -> int:
@@ -42,8 +45,9 @@ class LMArithTask(Task):
     def __init__(self, seed: int = 0, device: str = "cpu", operations=("add",), min_digits: int = 1,
                  max_digits: int = 4, mul_multiplier_digits: int = 1, n_layers: int = 2,
                  d_model: int = 64, n_heads: int = 4, bias: bool = False, batch_size: int = 64,
-                 n_val: int = 512, n_test_per_length: int = 100, sample_temperature: float = 1.0,
-                 eval_batch_size: int = 256, test_lengths: list[int] | None = None, **kwargs: Any):
+                 val_episodes: int = 512, eval_episodes_per_length: int = 100, sample_temperature: float = 1.0,
+                 eval_batch_size: int = 256, test_lengths: list[int] | None = None,
+                 train_episodes: int | None = None, **kwargs: Any):
         super().__init__(seed=seed, device=device, **kwargs)
         self.problems = ArithmeticProblems(operations, min_digits, max_digits, mul_multiplier_digits)
         self.tokenizer = CharTokenizer()
@@ -53,8 +57,9 @@ class LMArithTask(Task):
         self.batch_size = int(batch_size)
         self.sample_temperature = float(sample_temperature)
         self.eval_batch_size = int(eval_batch_size)
-        require_at_least(1, batch_size=batch_size, n_val=n_val, n_test_per_length=n_test_per_length,
-                         eval_batch_size=eval_batch_size, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
+        require_at_least(1, batch_size=batch_size, val_episodes=val_episodes,
+                         eval_episodes_per_length=eval_episodes_per_length, eval_batch_size=eval_batch_size,
+                         n_layers=n_layers, d_model=d_model, n_heads=n_heads)
 
         # Tested lengths: all trained ones by default; a subset keeps saturated short lengths from
         # diluting the metric (they still train: short problems teach the carry).
@@ -66,28 +71,48 @@ class LMArithTask(Task):
                              f"{outside or 'nothing: the list is empty'}")
         rng = random.Random(EVAL_DATA_SEED)
         self.test_problems = [self.problems.sample(rng, length=n)
-                              for n in self.test_lengths for _ in range(int(n_test_per_length))]
-        self.val_problems = [self.problems.sample(rng) for _ in range(int(n_val))]
+                              for n in self.test_lengths for _ in range(int(eval_episodes_per_length))]
+        self.val_problems = [self.problems.sample(rng) for _ in range(int(val_episodes))]
         # Hold test prompts out of training wherever the problem space is large enough that doing so
         # leaves the training distribution essentially unchanged (short lengths have too few problems).
         held_out_lengths = {n for n in self.problems.lengths
-                            if _problem_space_size(self.problems, n) >= 20 * int(n_test_per_length)}
+                            if _problem_space_size(self.problems, n) >= 20 * int(eval_episodes_per_length)}
         self._held_out = {p.prompt for p in self.test_problems + self.val_problems if p.length in held_out_lengths}
         self._val_tensors = encode_problems(self.val_problems, self.tokenizer, self.seq_len)
+        # null: a fresh problem every draw (an unlimited stream); N: N problems drawn once, seen in
+        # shuffled epochs, so that a long run can converge on a data-limited problem
+        self.train_problems: list[Problem] | None = None
+        if train_episodes is not None:
+            require_at_least(1, train_episodes=train_episodes)
+            rng = random.Random(TRAIN_DATA_SEED)
+            self.train_problems = []
+            while len(self.train_problems) < int(train_episodes):
+                p = self.problems.sample(rng)
+                if p.prompt not in self._held_out:
+                    self.train_problems.append(p)
+            self._train_set_tensors = encode_problems(self.train_problems[:int(val_episodes)], self.tokenizer,
+                                                      self.seq_len)
 
     # --- model and data -------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
         return GPT(self.tokenizer.vocab_size, self.seq_len, **self.model_kwargs).to(self.device)
 
-    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rng = random.Random(self.seed)
-        while True:
-            batch: list[Problem] = []
-            while len(batch) < self.batch_size:
+    def _problem_stream(self, rng: random.Random) -> Iterator[Problem]:
+        if self.train_problems is None:
+            while True:
                 p = self.problems.sample(rng)
                 if p.prompt not in self._held_out:
-                    batch.append(p)
+                    yield p
+        order = list(range(len(self.train_problems)))
+        while True:
+            rng.shuffle(order)
+            yield from (self.train_problems[i] for i in order)
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = self._problem_stream(random.Random(self.seed))
+        while True:
+            batch = [next(stream) for _ in range(self.batch_size)]
             ids, mask = encode_problems(batch, self.tokenizer, self.seq_len)
             used = int(mask.any(0).nonzero().max()) + 1  # trim padding columns no row uses
             yield ids[:, :used].to(self.device), mask[:, :used].to(self.device)
@@ -106,7 +131,13 @@ class LMArithTask(Task):
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
-        ids, mask = (t.to(self.device) for t in self._val_tensors)
+        metrics = self._teacher_forced_losses(model, self._val_tensors)
+        if self.train_problems is not None:  # the same loss on training problems: how far it overfits
+            metrics["val/train_set_loss"] = self._teacher_forced_losses(model, self._train_set_tensors)["val/loss"]
+        return metrics
+
+    def _teacher_forced_losses(self, model: nn.Module, tensors: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        ids, mask = (t.to(self.device) for t in tensors)
         sums = defaultdict(float)
         for start in range(0, ids.shape[0], self.eval_batch_size):
             b_ids, b_mask = ids[start:start + self.eval_batch_size], mask[start:start + self.eval_batch_size]

@@ -5,7 +5,7 @@ written by scripts/make_demos.py (a relative path is taken against the repo root
 ``dataset: null`` the task uses ``<demos_dir>/<env>_<obs>_<gen_demos>demos_seed<gen_seed>.hdf5``
 (``demos_dir`` is ``${paths.data}/robomimic`` in the configs) and generates it with the scripted
 expert on first use. Training demos are ``mask/train`` (or all), of which the first
-``num_demos`` are used; the validation loss is measured on ``mask/valid`` demos.
+``train_episodes`` are used; the validation loss is measured on ``mask/valid`` demos.
 
 Model: a flow-matching policy (conditional U-Net 1D, action chunking) or an MLP regression
 baseline, on normalized observations (range-normalized low-dim keys; images through a
@@ -54,7 +54,7 @@ class RobomimicTask(Task):
         gen_seed: int = 0,
         gen_noise: float = 0.05,
         demos_dir: str | None = None,
-        num_demos: int | None = None,
+        train_episodes: int | None = None,
         obs: str = "low_dim",
         low_dim_keys: Sequence[str] = DEFAULT_LOW_DIM_KEYS,
         image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
@@ -96,7 +96,7 @@ class RobomimicTask(Task):
             )
         if not integration_steps or min(integration_steps) < 1:
             raise ValueError(f"task.integration_steps must be a non-empty list of positive ints, got {integration_steps}")
-        require_at_least(1, num_demos=num_demos, batch_size=batch_size, val_samples=val_samples,
+        require_at_least(1, train_episodes=train_episodes, batch_size=batch_size, val_samples=val_samples,
                          eval_episodes=eval_episodes, max_episode_steps=max_episode_steps, obs_steps=obs_steps)
         require_at_least(2, gen_demos=gen_demos)  # one of them is held out for the validation loss
         require_at_least(0, num_workers=num_workers)
@@ -108,11 +108,11 @@ class RobomimicTask(Task):
         self._check_keys_recorded(low_dim_keys, image_keys)
 
         train_names = self._names("train")
-        if num_demos is not None:
-            if num_demos > len(train_names):
-                raise ValueError(f"task.num_demos={num_demos} but {self.path} has {len(train_names)} training demos; "
-                                 f"set task.num_demos <= {len(train_names)}, or null for all")
-            train_names = train_names[:num_demos]
+        if train_episodes is not None:
+            if train_episodes > len(train_names):
+                raise ValueError(f"task.train_episodes={train_episodes} but {self.path} has {len(train_names)} "
+                                 f"training demos; set task.train_episodes <= {len(train_names)}, or null for all")
+            train_names = train_names[:train_episodes]
         valid_names = self._names("valid")
         if not valid_names:
             raise ValueError(f"{self.path}: mask/valid is empty; the validation loss needs held-out demos")

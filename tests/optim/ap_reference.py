@@ -80,11 +80,11 @@ class Reference:
                 Z = Z[step % stride :: stride]
             n = Z.shape[0]
             S_batch, S_abs_batch = Z.T @ Z / n, Z.abs().T @ Z.abs() / n
-            if cfg.ema == 0 or self.S is None:
+            if cfg.stat_decay == 0 or self.S is None:
                 self.S, self.S_abs = S_batch, S_abs_batch
             else:
-                self.S = cfg.ema * self.S + (1 - cfg.ema) * S_batch
-                self.S_abs = cfg.ema * self.S_abs + (1 - cfg.ema) * S_abs_batch
+                self.S = cfg.stat_decay * self.S + (1 - cfg.stat_decay) * S_batch
+                self.S_abs = cfg.stat_decay * self.S_abs + (1 - cfg.stat_decay) * S_abs_batch
             self.rows = n
         if self.P is None or (step + index) % cfg.inverse_interval == 0:
             d = self.S.shape[0]
@@ -97,7 +97,7 @@ class Reference:
             # (|L||L^T|, Higham 2002 Thm 10.3-10.4), and the rounding of S + mu I.
             self.E = (gamma(self.rows + 2) * self.S_abs + gamma(3 * d + 1) * (L.abs() @ L.abs().T)
                       + gamma(d + 2) * A.abs())
-        if step < cfg.warmup_steps:
+        if step < cfg.start_step:
             return G, U32
         return G @ self.P, ap_error_bound(G, self, batch_space)
 

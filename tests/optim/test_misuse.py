@@ -159,7 +159,7 @@ def test_second_step_without_backward_leaves_the_gradient_alone(gp):
 
 def test_warmup_counts_only_steps_with_a_new_gradient():
     model = mlp()
-    opt = DoPr(torch.optim.SGD(model.parameters(), lr=0.01), ActivationPreconditioner(model, APConfig(warmup_steps=2)))
+    opt = DoPr(torch.optim.SGD(model.parameters(), lr=0.01), ActivationPreconditioner(model, APConfig(start_step=2)))
     backward(model, *batch(1))
     opt.step()
     opt.step()  # no new gradient: not a step of the warmup
@@ -207,7 +207,7 @@ BAD = [
     ("dopr_adamw", {"ap": {"damping": -1}}, r"opt\.ap\.damping must be a finite number >= 0"),
     ("dopr_adamw", {"ap": {"damping": "abc"}}, r"opt\.ap\.damping must be"),
     ("dopr_adamw", {"ap": {"stat_interval": 1.5}}, r"opt\.ap\.stat_interval must be an integer"),
-    ("dopr_adamw", {"ap": {"ema": None}}, r"opt\.ap\.ema must be"),
+    ("dopr_adamw", {"ap": {"stat_decay": None}}, r"opt\.ap\.stat_decay must be"),
     ("dopr_adamw", {"ap": "damping=1"}, r"opt\.ap must be a dict"),
     ("dopr_adamz", {}, "unknown optimizer"),
     ("dopr_adamw", {"dampng": 1}, "unknown hyperparameters"),
@@ -226,8 +226,8 @@ def test_check_optimizer_args_takes_the_hydra_opt_dict():
     """What Hydra composes for opt=dopr_muon (configs/opt, configs/ap/default.yaml), as plain containers."""
     opt = {"name": "dopr_muon", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
            "ns_dtype": "auto", "adamw_betas": [0.9, 0.999],
-           "ap": {"damping": 1e-3, "ema": 0.0, "stat_interval": 1, "inverse_interval": 1, "max_rows": None,
-                  "bias": "augment", "warmup_steps": 0, "exclude": [], "solver": "auto"}}
+           "ap": {"damping": 1e-3, "stat_decay": 0.0, "stat_interval": 1, "inverse_interval": 1, "max_rows": None,
+                  "bias": "augment", "start_step": 0, "exclude": [], "solver": "auto"}}
     assert optim.check_optimizer_args(**opt) is None
     assert "check_optimizer_args" in optim.__all__
     build_optimizer(mlp(), **opt)

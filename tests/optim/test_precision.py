@@ -68,8 +68,8 @@ def test_linear_forced_primal_path(spread, rows):
 
 
 @pytest.mark.parametrize("spread", SPREADS)
-@pytest.mark.parametrize("options", [dict(ema=0.9), dict(inverse_interval=2), dict(stat_interval=2),
-                                     dict(max_rows=50), dict(warmup_steps=1), dict(ema=0.5, inverse_interval=3)])
+@pytest.mark.parametrize("options", [dict(stat_decay=0.9), dict(inverse_interval=2), dict(stat_interval=2),
+                                     dict(max_rows=50), dict(start_step=1), dict(stat_decay=0.5, inverse_interval=3)])
 def test_schedules_and_subsampling(spread, options):
     torch.manual_seed(1)
     check_model(nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 8)),

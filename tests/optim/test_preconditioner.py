@@ -194,7 +194,7 @@ def test_damped_inverse_fallbacks_are_finite():
 def test_options_ema_interval_subsample_warmup_exclude():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    cfg = APConfig(ema=0.9, stat_interval=2, inverse_interval=3, max_rows=10, warmup_steps=2, exclude=("2",))
+    cfg = APConfig(stat_decay=0.9, stat_interval=2, inverse_interval=3, max_rows=10, start_step=2, exclude=("2",))
     ap = ActivationPreconditioner(model, cfg)
     assert [layer.name for layer in ap.layers] == ["0"]
     for step in range(6):
@@ -210,7 +210,7 @@ def test_options_ema_interval_subsample_warmup_exclude():
 
 
 def test_bad_config_raises():
-    for bad in (dict(damping=-1), dict(ema=1.0), dict(stat_interval=0), dict(bias="nope"), dict(max_rows=0), dict(solver="nope")):
+    for bad in (dict(damping=-1), dict(stat_decay=1.0), dict(stat_interval=0), dict(bias="nope"), dict(max_rows=0), dict(solver="nope")):
         with pytest.raises(ValueError):
             APConfig(**bad)
 
@@ -265,7 +265,7 @@ def test_batch_space_path_matches_dense(bias_mode, chunks):
     torch.testing.assert_close(new["bias"], bias)
 
 
-@pytest.mark.parametrize("config", [dict(ema=0.5), dict(inverse_interval=2), dict(stat_interval=2), dict(damping=0.0)])
+@pytest.mark.parametrize("config", [dict(stat_decay=0.5), dict(inverse_interval=2), dict(stat_interval=2), dict(damping=0.0)])
 def test_batch_space_path_only_for_per_batch_damped_statistics(config):
     layer = nn.Linear(48, 5)
     ap = ActivationPreconditioner(layer, APConfig(**config))

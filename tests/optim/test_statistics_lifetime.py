@@ -89,10 +89,10 @@ def test_zero_grad_between_forward_and_backward_keeps_the_rows():
     assert_same(inverses(opt), inverses(ref_opt))
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_non_finite_batch_never_enters_the_statistics(ema):
+@pytest.mark.parametrize("stat_decay", [0.0, 0.9])
+def test_non_finite_batch_never_enters_the_statistics(stat_decay):
     x, y = data()
-    model, opt = make(APConfig(ema=ema, solver="primal"))
+    model, opt = make(APConfig(stat_decay=stat_decay, solver="primal"))
     clean_step(model, opt, x, y)
     before = inverses(opt)
     bad = x.clone()
@@ -113,7 +113,7 @@ def test_non_finite_batch_never_enters_the_statistics(ema):
         opt.step()
     for layer in opt.preconditioner.layers:
         assert torch.isfinite(layer.P).all()
-        if ema > 0:
+        if stat_decay > 0:
             assert torch.isfinite(layer.S).all()
     # AP is still on: the inverse moved with the clean step and is not the identity fallback.
     assert not torch.equal(opt.preconditioner.layers[0].P, before[0])
