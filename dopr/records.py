@@ -130,8 +130,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:
-    """Delete what a killed run left staged: ``atomic_write``'s ``.<name>.tmp`` files, and the
-    ``.<record file>.<random>`` files of the mkstemp-based writer that came before it."""
+    """Delete what a killed run left staged: ``atomic_write``'s ``.<name>.tmp`` files, and
+    ``.<record file>.<random>`` files (mkstemp's naming), which run dirs written by older code may hold."""
     run_dir = Path(run_dir)
     stale = set(run_dir.glob(".*.tmp"))
     for name in (METRICS, SUMMARY, WANDB_ID):

@@ -97,7 +97,7 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel:
 
     Build it before the optimizer: the copy must not carry AP's hooks. AveragedModel's first update
     copies the weights; making that update here, on the initial weights, starts the average at
-    initialization (ema_1 = decay * w_0 + (1 - decay) * w_1), as every committed run did.
+    initialization (ema_1 = decay * w_0 + (1 - decay) * w_1), the average the committed runs report.
     """
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
     ema.update_parameters(model)

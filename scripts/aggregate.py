@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from dopr.analysis import mean_interval
-from dopr.analysis.report import markdown_table
+from dopr.analysis.markdown import markdown_table
 from dopr.analysis.sweep import last_evaluations, read_sweep_dir
 from dopr.cli import parse_script_args
 

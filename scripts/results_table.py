@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dopr.analysis.report import markdown_table
+from dopr.analysis.markdown import markdown_table
 from dopr.cli import parse_script_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -411,15 +411,15 @@ def test_a_gp_without_its_dopr_arm_joins_observation_1_and_is_named_in_observati
 
 
 def test_a_re_analysis_that_changes_nothing_keeps_the_analysis_date(tmp_path):
-    from dopr.analysis import report
+    from dopr.analysis.provenance import keep_analysis_date_if_unchanged
 
     path = tmp_path / "provenance.json"
     path.write_text(json.dumps({"runs tabled": 4, "analysis date": "2026-01-01T00:00:00+00:00"}))
     same = {"runs tabled": 4, "analysis date": "2026-12-01T10:00:00+00:00"}
-    report.keep_analysis_date_if_unchanged(same, path)
+    keep_analysis_date_if_unchanged(same, path)
     assert same["analysis date"] == "2026-01-01T00:00:00+00:00"
     changed = {"runs tabled": 5, "analysis date": "2026-12-01T10:00:00+00:00"}
-    report.keep_analysis_date_if_unchanged(changed, path)
+    keep_analysis_date_if_unchanged(changed, path)
     assert changed["analysis date"] == "2026-12-01T10:00:00+00:00"
 
 

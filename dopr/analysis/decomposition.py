@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dopr.analysis.markdown import markdown_table
 from dopr.analysis.stats import Interval, PairedResult, _percentile_interval, is_log_scale, paired_difference
 
 LOSS = "val/loss"
@@ -518,8 +519,6 @@ def decomposition_rows(parts: list[dict]) -> pd.DataFrame:
 
 def decomposition_table(parts: list[dict]) -> str:
     """The four parts as markdown, one row per pair, then the per-seed values the rows summarize."""
-    from dopr.analysis.report import markdown_table
-
     if not parts:
         return "no verdict-stage DoPr/base pair\n"
     rows, seeds = [], []

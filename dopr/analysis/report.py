@@ -1,52 +1,23 @@
-"""A study's tables from its runs.csv: paired DoPr-minus-base cells, the settings each optimizer would be
-tuned to (by the test metric and by val loss), the headline comparison with its verdict word,
-Spearman decoupling, provenance, the val-vs-test figure and the study's row of the top README.
+"""A study's comparisons and verdicts from its runs.csv: paired DoPr-minus-base cells, the settings each
+optimizer would be tuned to (by the test metric and by val loss), the headline comparison with its verdict
+word, the paper's three observations, Spearman decoupling (per optimizer and across arms), the headline's
+direction and the study's row of the top README.
 
-Every number a study README quotes comes from these functions (``scripts/study.py`` calls them).
+Every comparison a study README quotes comes from these functions (``dopr.analysis.results`` calls them);
+the tables' text comes from ``dopr.analysis.markdown``, provenance.json from ``dopr.analysis.provenance`` and
+the figures from ``dopr.analysis.figures``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-from collections import Counter
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dopr.records import machine
 from dopr.analysis.stats import (Interval, bootstrap_spearman, higher_is_better, is_log_scale, mean_interval,
                                  paired_difference, spearman_of_arm_means)
-from dopr.analysis.sweep import Sweep, finite_or_none
-
-PICKS = ("best", "final", "valpick")  # which checkpoint of a run a value is read at
-PICK_WORDS = {"best": "best checkpoint by the metric itself", "final": "last evaluation",
-              "valpick": "checkpoint with the lowest val/loss"}
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``frame`` as it stands (format cells before)."""
-    header = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def fmt(value: float, digits: int = 4) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
-
-
-def fmt_cell(value):
-    """A table cell: floats to 4 significant digits, NaN (not recorded / not applicable) empty."""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
-    return value
+from dopr.analysis.sweep import PICKS, Sweep
 
 
 def _side(runs: pd.DataFrame, column: str, label: str) -> dict:
@@ -288,171 +259,6 @@ def spearman_table(runs: pd.DataFrame, metric: str, predictors=("val/loss",), re
             rows.append({"predictor": predictor, "opt.name": name, "n": result.n, "rho": result.rho,
                          "low": result.low, "high": result.high, "p": result.p_value})
     return pd.DataFrame(rows)
-
-
-def lr_figure(runs: pd.DataFrame, metrics: list[str], path: Path, title: str) -> None:
-    """Per GP (columns) and metric (rows): mean ± 95% interval over seeds against opt.lr, with and without
-    AP, at the best checkpoint of the test metric and the last evaluation of the one-step losses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gps = sorted(runs["gp"].unique())
-    fig, axes = plt.subplots(len(metrics), len(gps), figsize=(3.6 * len(gps), 2.8 * len(metrics)), squeeze=False)
-    for j, gp in enumerate(gps):
-        for i, metric in enumerate(metrics):
-            ax = axes[i][j]
-            column = f"{'best' if metric.startswith('test/') else 'final'}/{metric}"
-            for ap, style in ((False, "o--"), (True, "s-")):
-                side = runs[(runs["gp"] == gp) & (runs["ap"] == ap)]
-                if side.empty or side["opt.lr"].isna().all():
-                    continue
-                lrs = sorted(side["opt.lr"].dropna().unique())
-                cis = [mean_interval(side.loc[side["opt.lr"] == lr, column]) for lr in lrs]
-                half = [c.half_width if math.isfinite(c.half_width) else 0.0 for c in cis]
-                ax.errorbar(lrs, [c.mean for c in cis], yerr=half, fmt=style, capsize=3,
-                            label=side["opt.name"].iloc[0])
-            ax.set_xscale("log")
-            if not metric.startswith("test/") or is_log_scale(metric):
-                ax.set_yscale("log")
-            ax.set_title(f"{gp}: {column}", fontsize=8)
-            ax.set_xlabel("opt.lr", fontsize=8)
-            if ax.lines:
-                ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def format_paired(table: pd.DataFrame, lead: list[str]) -> pd.DataFrame:
-    """Paired rows as display cells: Δ ± half-width (with 'log' for log ratios), means, fraction, verdict."""
-    shown = table[lead].copy() if len(table) else pd.DataFrame(columns=lead)
-    for k in lead:
-        if k in shown and shown[k].dtype == float:
-            shown[k] = shown[k].map(lambda v: "" if math.isnan(v) else f"{v:g}")
-    if not len(table):
-        return shown
-    shown["n"] = table["n"]
-    shown["base mean"] = table["base_mean"].map(fmt)
-    shown["DoPr mean"] = table["dopr_mean"].map(fmt)
-    shown["Δ (DoPr − base)"] = [("log ratio " if s == "log" else "") + Interval(d, lo, hi, n).format()
-                                for s, d, lo, hi, n in zip(table["scale"], table["diff"], table["low"], table["high"],
-                                                           table["n"])]
-    shown["DoPr better"] = table["dopr_better_fraction"].map(lambda f: "n/a" if math.isnan(f) else f"{f:.0%}")
-    shown["verdict"] = table["verdict"]
-    return shown
-
-
-def data_commit(path: Path) -> dict:
-    """The commit that first added a committed data file, following renames (what is known when no run
-    recorded its SHA: the runs were made at or before it)."""
-    try:
-        out = subprocess.run(["git", "log", "--follow", "--diff-filter=A", "--format=%H %cI", "--", str(path)],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-        return {"sha": out[-2], "date": out[-1]} if out else {"sha": None, "date": None}
-    except (OSError, subprocess.CalledProcessError):
-        return {"sha": None, "date": None}
-
-
-def provenance(sweep: Sweep, runs: pd.DataFrame, commands: list[str], analysis_command: str,
-               tune_seeds: list, verdict_seeds: list, notes: list[str]) -> dict:
-    """provenance.json (STUDIES §5): commands, git SHAs with dirty flags, machine, dates, seeds, versions,
-    threads, and the runs left out with the reason. What the records lack is said, not filled in."""
-    per_run = sweep.evals.groupby("run").first()
-    not_recorded = ("not recorded: the source is an aggregated CSV made before evals.csv carried it; the run dirs "
-                    "(multirun/) were never committed")
-
-    def recorded(column):
-        if column not in per_run or per_run[column].isna().all():
-            return None
-        return per_run[column].dropna()
-
-    shas = recorded("git.sha")
-    if shas is None:
-        sources = [Path(p) for p in sweep.source.split(",") if not Path(p).is_dir()]
-        run_git = {"runs per sha": not_recorded, "data first committed in": {str(p): data_commit(p) for p in sources}}
-    else:
-        dirty = per_run.loc[shas.index, "git.dirty"].map(lambda d: str(d).lower() == "true")
-        run_git = {"runs per sha": dict(Counter(f"{sha}{' (dirty)' if d else ''}" for sha, d in zip(shas, dirty)))}
-    versions, threads, machines, dates = (recorded(c) for c in ("versions", "threads", "machine", "date"))
-    run_versions = [json.loads(v) for v in sorted(set(versions))] if versions is not None else not_recorded
-    run_threads = sorted({str(int(float(t))) for t in threads}) if threads is not None else not_recorded
-    run_machine = [json.loads(m) for m in sorted(set(machines))] if machines is not None else (
-        not_recorded if shas is None else "not recorded in summary.json")
-    run_dates = {"first": min(dates), "last": max(dates)} if dates is not None else not_recorded
-    left_out = list(sweep.left_out)
-    return {
-        "study": runs["study"].iloc[0] if len(runs) else None,
-        "sources": sweep.source.split(","),
-        "commands": {"sweep": commands, "analysis": analysis_command},
-        "git": run_git,
-        "versions": run_versions,
-        "run dates": run_dates,
-        "run machine": run_machine,
-        "threads": run_threads,
-        "analysis machine": machine(),
-        "analysis date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seeds": {"tune": [finite_or_none(s) for s in tune_seeds], "verdict": [finite_or_none(s) for s in verdict_seeds]},
-        "runs tabled": int(len(runs)),
-        "left out": {"count": len(left_out), "runs": left_out},
-        "notes": notes,
-    }
-
-
-def keep_analysis_date_if_unchanged(prov: dict, path: Path) -> None:
-    """A re-analysis that changes nothing else keeps the committed provenance.json's analysis date, so
-    re-running every study's command leaves no diff where no record changed."""
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return
-    new = json.loads(json.dumps(prov, default=str))
-    date = "analysis date"
-    if date in old and {k: v for k, v in old.items() if k != date} == {k: v for k, v in new.items() if k != date}:
-        prov[date] = old[date]
-
-
-def missing_values(runs: pd.DataFrame, metric: str) -> list[dict]:
-    """Runs kept in runs.csv whose value of a reported column is NaN: they drop out of that statistic."""
-    out = []
-    for pick in PICKS:
-        column = f"{pick}/{metric}"
-        if column in runs:
-            for run in runs.loc[runs[column].isna(), "run"]:
-                out.append({"run": run, "why": f"{column} is missing (NaN); left out of its paired differences"})
-    return out
-
-
-def val_vs_test_figure(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    """Per optimizer: final val/loss against the test metric at the final and best checkpoints."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, pick in zip(axes, ("final", "best")):
-        for i, (name, group) in enumerate(runs.groupby("opt.name", sort=True)):
-            y = group[f"{pick}/{metric}"].replace([np.inf, -np.inf], np.nan)
-            ax.scatter(group["final/val/loss"], y, s=28, color=f"C{i}", marker="s" if name.startswith("dopr_") else "o",
-                       label=name, alpha=0.8, edgecolor="k", linewidth=0.4)
-        ax.set_xscale("log")
-        values = runs[f"{pick}/{metric}"].replace([np.inf, -np.inf], np.nan).dropna()
-        if len(values) and (values > 0).all() and values.max() / values.min() > 100:
-            ax.set_yscale("log")
-        ax.set_xlabel("final val/loss (one-step)")
-        ax.set_title(f"{metric} at the {PICK_WORDS[pick]}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(metric)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def readme_row(study: str, claim: str, metric: str, headline: pd.DataFrame, readme: str) -> dict:

@@ -21,9 +21,12 @@ from pathlib import Path
 import pandas as pd
 
 from dopr.analysis import decomposition, report
+from dopr.analysis.figures import lr_figure, val_vs_test_figure
+from dopr.analysis.markdown import fmt_cell, format_paired, markdown_table
+from dopr.analysis.provenance import keep_analysis_date_if_unchanged, missing_values, provenance
 from dopr.analysis.stats import higher_is_better
 from dopr.analysis.studies import StudySpec
-from dopr.analysis.sweep import concat, directions, read_sweep, runs_table
+from dopr.analysis.sweep import PICKS, concat, directions, read_sweep, runs_table
 from dopr.records import atomic_write_text
 
 
@@ -89,7 +92,7 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     # The headline metric at every pick, then (at the last evaluation) the secondary metrics and val/loss
     # of the same runs: what else changed where the test metric's settings were chosen.
     headline = pd.concat([report.headline_comparison(runs, metric, better, choice, settings, pick=pick)
-                          for pick in report.PICKS]
+                          for pick in PICKS]
                          + [report.headline_comparison(runs, m, higher_is_better(m), choice, settings, pick="final")
                             for m in spec.secondary + ["val/loss"] if f"final/{m}" in runs], ignore_index=True)
     headline.to_csv(out / "headline.csv", index=False)
@@ -103,23 +106,23 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
 
     sections = {
         "cells": ("DoPr − base, paired by seed, in every cell (Δ of log values for ratio metrics)",
-                  report.markdown_table(report.format_paired(cells_all, lead))),
+                  markdown_table(format_paired(cells_all, lead))),
         "choice": ("Settings chosen on the tuning seeds: by the test metric (best checkpoint), and what val loss picks",
-                   report.markdown_table(choice.map(report.fmt_cell))),
+                   markdown_table(choice.map(fmt_cell))),
         "headline": ("Each GP against DoPr at their chosen settings, paired by seed",
-                     report.markdown_table(report.format_paired(
+                     markdown_table(format_paired(
                          headline, ["task", "gp", "stage", "pick", "base setting", "dopr setting", "metric"]))),
         "observations": ("The paper's three observations at the chosen settings, each with its verdict word "
                          "(dopr.analysis.report.paper_observations says how each is decided)",
-                         report.markdown_table(observations)),
+                         markdown_table(observations)),
         "decoupling": (f"Spearman ρ of final one-step metrics against final {metric}, per optimizer over its runs "
                      f"(95% bootstrap over runs)",
-                     report.markdown_table(_rho_columns(spearman).assign(
+                     markdown_table(_rho_columns(spearman).assign(
                          p=spearman["p"].map(lambda v: "n/a" if v != v else f"{v:.2g}"))
                          [["predictor", "opt.name", "n", "rho", "interval", "p"]])),
         "arms": (f"Across all optimizers at their chosen settings: Spearman ρ of each one's mean final one-step "
                  f"metric against its mean best {metric} (95% bootstrap over seeds; arms listed as predictor → metric)",
-                 report.markdown_table(_rho_columns(arms)[["predictor", "arms n", "seeds", "rho", "interval", "arms"]])
+                 markdown_table(_rho_columns(arms)[["predictor", "arms n", "seeds", "rho", "interval", "arms"]])
                  if len(arms) else "no runs"),
     }
     for name, (_, text) in sections.items():
@@ -134,17 +137,17 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     (out / "study.md").write_text("\n".join(study_md))
 
     notes = list(spec.notes)
-    left = report.missing_values(runs, metric)
-    prov = report.provenance(sweep, runs, spec.commands, analysis_command, tune, verdict_seeds, notes)
+    left = missing_values(runs, metric)
+    prov = provenance(sweep, runs, spec.commands, analysis_command, tune, verdict_seeds, notes)
     prov["left out"]["values"] = left
     prov["metric"] = {"name": metric, "higher is better": better,
                       "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
-    report.keep_analysis_date_if_unchanged(prov, out / "provenance.json")
+    keep_analysis_date_if_unchanged(prov, out / "provenance.json")
     atomic_write_text(out / "provenance.json", json.dumps(prov, indent=2, default=str) + "\n")
-    report.val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
+    val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
     if runs["opt.lr"].nunique() > 1:
-        report.lr_figure(runs[runs["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
-                         f"{spec.name}: tuning seeds, mean ± 95% over seeds")
+        lr_figure(runs[runs["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
+                  f"{spec.name}: tuning seeds, mean ± 95% over seeds")
     row = report.readme_row(spec.name, spec.claim, metric, headline[headline["pick"] == "best"], spec.readme)
     (out / "readme_row.json").write_text(json.dumps(row, indent=2) + "\n")
     (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "

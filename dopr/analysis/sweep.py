@@ -38,6 +38,7 @@ META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed
 PROVENANCE = ["git.sha", "git.dirty", "threads", "machine", "versions", "date"]
 # The data contract's leading columns, in order (docs/STUDIES.md §5).
 CONTRACT = ["study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
+PICKS = ("best", "final", "valpick")  # which checkpoint of a run a runs.csv value is read at (summarize_run)
 
 
 def uses_ap(opt_name: str) -> bool:

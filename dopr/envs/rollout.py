@@ -9,13 +9,9 @@ worker per chunk. ``EnvPool`` runs ``num_workers`` of them in gymnasium's ``Asyn
 every running env's window. Episodes are assigned fixed seeds, so two evaluations with the same
 seeds face the same initial scenes whatever the number of workers.
 
-Why gymnasium and not a hand-written pool: measured on the tiny Lift fixture (5 scripted demos),
-2 workers, an observation-driven Lift policy (12 of 16 episodes succeed, lengths 28-80), 16 seeds,
-about 100 chunks: success and length per seed bit-identical to the hand-written pool (final
-end-effector positions equal to 0.0), and wall time 0.89, 0.94, 0.95 and 0.99 of the hand-written
-pool's (4.1 s vs 4.3 s; two script runs of two repeats each, at nice 0 beside niced studies on a
-shared 2-core machine). One cost it adds: ``AsyncVectorEnv`` builds one env in the parent to read
-the spaces (~2 s for Lift), once per pool.
+Gymnasium's vector envs are used so that the worker processes, their pipes and their shutdown are
+gymnasium's tested code rather than this module's; the price is one env that ``AsyncVectorEnv`` builds in
+the parent to read the spaces (~2 s for Lift), once per pool.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""A study's figures: ``lr_figure`` (each metric against opt.lr per GP, with and without AP) and
+``val_vs_test_figure`` (final val loss against the test metric, per optimizer)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dopr.analysis.stats import is_log_scale, mean_interval
+
+PICK_WORDS = {"best": "best checkpoint by the metric itself", "final": "last evaluation",
+              "valpick": "checkpoint with the lowest val/loss"}
+
+
+def lr_figure(runs: pd.DataFrame, metrics: list[str], path: Path, title: str) -> None:
+    """Per GP (columns) and metric (rows): mean ± 95% interval over seeds against opt.lr, with and without
+    AP, at the best checkpoint of the test metric and the last evaluation of the one-step losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gps = sorted(runs["gp"].unique())
+    fig, axes = plt.subplots(len(metrics), len(gps), figsize=(3.6 * len(gps), 2.8 * len(metrics)), squeeze=False)
+    for j, gp in enumerate(gps):
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            column = f"{'best' if metric.startswith('test/') else 'final'}/{metric}"
+            for ap, style in ((False, "o--"), (True, "s-")):
+                side = runs[(runs["gp"] == gp) & (runs["ap"] == ap)]
+                if side.empty or side["opt.lr"].isna().all():
+                    continue
+                lrs = sorted(side["opt.lr"].dropna().unique())
+                cis = [mean_interval(side.loc[side["opt.lr"] == lr, column]) for lr in lrs]
+                half = [c.half_width if math.isfinite(c.half_width) else 0.0 for c in cis]
+                ax.errorbar(lrs, [c.mean for c in cis], yerr=half, fmt=style, capsize=3,
+                            label=side["opt.name"].iloc[0])
+            ax.set_xscale("log")
+            if not metric.startswith("test/") or is_log_scale(metric):
+                ax.set_yscale("log")
+            ax.set_title(f"{gp}: {column}", fontsize=8)
+            ax.set_xlabel("opt.lr", fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def val_vs_test_figure(runs: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    """Per optimizer: final val/loss against the test metric at the final and best checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, pick in zip(axes, ("final", "best")):
+        for i, (name, group) in enumerate(runs.groupby("opt.name", sort=True)):
+            y = group[f"{pick}/{metric}"].replace([np.inf, -np.inf], np.nan)
+            ax.scatter(group["final/val/loss"], y, s=28, color=f"C{i}", marker="s" if name.startswith("dopr_") else "o",
+                       label=name, alpha=0.8, edgecolor="k", linewidth=0.4)
+        ax.set_xscale("log")
+        values = runs[f"{pick}/{metric}"].replace([np.inf, -np.inf], np.nan).dropna()
+        if len(values) and (values > 0).all() and values.max() / values.min() > 100:
+            ax.set_yscale("log")
+        ax.set_xlabel("final val/loss (one-step)")
+        ax.set_title(f"{metric} at the {PICK_WORDS[pick]}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
