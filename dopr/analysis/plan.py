@@ -55,6 +55,9 @@ class StudyPlan:
     predictors: list[str] = field(default_factory=lambda: ["val/loss"])  # one-step metrics correlated with the test one
     secondary: list[str] = field(default_factory=list)  # further test metrics paired in every cell (last evaluation)
     notes: list[str] = field(default_factory=list)  # said next to the verdict (provenance.json)
+    # true while its sweeps run (across sessions): no results are committed yet, so it is not a registered
+    # study (dopr/analysis/studies.py) and the README lists nothing of it
+    in_progress: bool = False
 
     def __post_init__(self):
         for cut in self.verdict_cut:

@@ -58,5 +58,7 @@ def plan_studies(name: str, plan: dict) -> list[StudySpec]:
 
 @functools.cache
 def studies(plans: Path | None = None) -> dict[str, StudySpec]:
-    """Every committed study by name: each plan's verdict cells, in the plans' order."""
-    return {spec.name: spec for name in plan_names(plans) for spec in plan_studies(name, load_plan(name, plans))}
+    """Every committed study by name: each plan's verdict cells, in the plans' order (plans in progress have
+    no committed results yet, and are left out)."""
+    plans_done = {name: plan for name in plan_names(plans) if not (plan := load_plan(name, plans))["in_progress"]}
+    return {spec.name: spec for name, plan in plans_done.items() for spec in plan_studies(name, plan)}
