@@ -1,9 +1,6 @@
 """The composed config is checked against one schema (the trainer's dataclass, the task class's
 constructor annotations, the optimizer's own checks) before the task is built or the run dir touched."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -12,16 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dopr.config_check import check_config, expected_type
+from tiny_run import ROOT, run_py
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-TINY = ("task=lds", "logger=none", "trainer.steps=20", "trainer.eval_every=10", "trainer.progress=false",
-        "trainer.threads=1", "task.eval_episodes=4", "task.max_episode_steps=20")
-
-
-def run_py(run_dir, *args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("override, message", [

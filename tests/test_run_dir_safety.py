@@ -3,14 +3,12 @@ overwritten unasked, a crash's torn metrics line recovered, and scripts that reu
 (dopr/runner.py) reuse only runs that are what they would run now (LDS runs of 20 steps)."""
 
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,17 +17,9 @@ from dopr.runner import Job, run_jobs
 from dopr.tasks.lds import LDSTask
 from dopr.train import CHECKPOINT, TrainerConfig, load_checkpoint, train
 from crashing_task import Crash, CrashingLDS
+from tiny_run import run_py
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-TINY = ("task=lds", "logger=none", "trainer.steps=20", "trainer.eval_every=10", "trainer.progress=false",
-        "trainer.threads=1", "task.eval_episodes=4", "task.max_episode_steps=20")
 RECORDS = ("summary.json", "metrics.jsonl", CHECKPOINT)
-
-
-def run_py(run_dir, *args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def contents(run_dir):
