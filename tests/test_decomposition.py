@@ -182,7 +182,7 @@ def test_decompose_pairs_the_verdict_runs_and_the_table_says_how_many_evaluation
     assert dc.decompose(evals, runs.assign(stage="tune"), choice, keys, METRIC, True) == []  # no verdict: nothing
 
 
-def test_the_study_command_adds_decomposition_files_for_a_verdict_and_changes_no_other_file(tmp_path):
+def test_the_study_command_adds_decomposition_files_and_figure_for_a_verdict(tmp_path):
     import json
 
     from script_loader import load_script
@@ -198,6 +198,7 @@ def test_the_study_command_adds_decomposition_files_for_a_verdict_and_changes_no
     study = load_script("study")
     assert study.main(args + [f"out={tmp_path / 'tuned'}", "tune_seeds=0-3", "verdict_seeds="]) == 0
     assert not (tmp_path / "tuned" / "decomposition.md").exists()  # no verdict seeds: nothing to decompose
+    assert not (tmp_path / "tuned" / "trajectories.png").exists()
     out = tmp_path / "out"
     assert study.main(args + [f"out={out}", "tune_seeds=0,1", "verdict_seeds=2,3"]) == 0
     table = (out / "decomposition.md").read_text()
@@ -205,4 +206,5 @@ def test_the_study_command_adds_decomposition_files_for_a_verdict_and_changes_no
     assert "base budget too short on 2/2 seeds" in table  # DoPr's step took twice as long
     assert pd.read_csv(out / "decomposition.csv").loc[0, "dopr_s_per_step"] == pytest.approx(2.0)
     assert "decomposition" not in (out / "study.md").read_text()
+    assert (out / "trajectories.png").stat().st_size > 1000  # the verdict pair along training
     assert json.loads((out / "provenance.json").read_text())["runs tabled"] == 8

@@ -1,5 +1,7 @@
-"""A study's figures: ``lr_figure`` (each metric against opt.lr per GP, with and without AP) and
-``val_vs_test_figure`` (final val loss against the test metric, per optimizer)."""
+"""A study's figures: ``lr_figure`` (each metric against opt.lr per GP, with and without AP),
+``val_vs_test_figure`` (final val loss against the test metric, per optimizer) and ``trajectories_figure``
+(docs/STUDIES.md §3b: the test metric along training against val/loss and against wall-clock, per verdict
+pair, every verdict seed)."""
 
 from __future__ import annotations
 
@@ -76,4 +78,38 @@ def val_vs_test_figure(runs: pd.DataFrame, metric: str, path: Path, title: str) 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectories_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, title: str) -> None:
+    """Per verdict pair (rows): the test metric at every evaluation against val/loss (left; training runs
+    right to left) and against wall-clock seconds (right), one line per verdict seed, base dashed and DoPr
+    solid. Where the DoPr line sits above the base's at equal val/loss, it deploys better at matched loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(11, 3.6 * len(pairs)), squeeze=False)
+    by_run = {run: points.sort_values("step") for run, points in evals.groupby("run", sort=False)}
+    for row, pair in zip(axes, pairs):
+        for runs, name, style, color in ((pair.base, pair.base_name, "--", "C0"), (pair.dopr, pair.dopr_name, "-", "C3")):
+            for i, run in enumerate(runs.values()):
+                points = by_run[run]
+                y = points[metric].replace([np.inf, -np.inf], np.nan)
+                label = name if i == 0 else None
+                row[0].plot(points["val/loss"], y, style, color=color, marker=".", alpha=0.6, lw=1, label=label)
+                if "wall_time" in points:
+                    row[1].plot(points["wall_time"], y, style, color=color, marker=".", alpha=0.6, lw=1, label=label)
+        row[0].set_xscale("log")
+        row[0].set_xlabel("val/loss (one-step), at each evaluation")
+        row[1].set_xlabel("wall-clock seconds")
+        for ax in row:
+            ax.set_ylabel(metric)
+            ax.set_title(f"{pair.task} {pair.gp}: {pair.dopr_setting} vs {pair.base_setting}", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -9,8 +9,9 @@ observations.{csv,md} (the paper's three Fig. 7 observations with verdict words)
 (Spearman over each optimizer's runs), arms.{csv,md} (Spearman across optimizers of their seed means: does the
 arm that fits better deploy better), val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables)
 and readme_row.{json,md} (for scripts/results_table.py); decomposition.{csv,md} (docs/STUDIES.md §3b: speed,
-matched loss, converged or budget-limited, equal compute; dopr.analysis.decomposition) when the study has
-verdict-stage DoPr/base pairs and evals.csv's evaluation points.
+matched loss, converged or budget-limited, equal compute; dopr.analysis.decomposition) and trajectories.png
+(the test metric along training against val/loss and wall-clock) when the study has verdict-stage DoPr/base
+pairs and evals.csv's evaluation points.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from dopr.analysis import decomposition, report
-from dopr.analysis.figures import lr_figure, val_vs_test_figure
+from dopr.analysis.figures import lr_figure, trajectories_figure, val_vs_test_figure
 from dopr.analysis.markdown import fmt_cell, format_paired, markdown_table
 from dopr.analysis.provenance import keep_analysis_date_if_unchanged, missing_values, provenance
 from dopr.analysis.stats import higher_is_better
@@ -156,6 +157,8 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     if parts:  # §3b, for the verdict pairs; a study without verdict seeds has nothing to decompose
         decomposition.decomposition_rows(parts).to_csv(out / "decomposition.csv", index=False)
         (out / "decomposition.md").write_text(decomposition.decomposition_table(parts))
+        trajectories_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "trajectories.png",
+                            f"{spec.name}: verdict seeds along training")
     print("\n".join(study_md))
     print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
