@@ -1,42 +1,66 @@
 #!/usr/bin/env python
-"""Per-step wall time of each DoPr variant against its base GP, as a ratio measured in one process.
+"""Per-step wall time of each DoPr variant against its base GP and of the peers (SOAP, PSGD-Kron)
+against AdamW, as ratios measured in one process, beside the flop floor that AP's work sets.
 
 Every optimizer trains its own copy of the same model on the same batch; repetitions are
-interleaved (the order shuffled each round), so drift in machine load hits base and DoPr alike.
-A step is forward + backward + optimizer step (``zero_grad`` just before it, untimed). Reports the
-median step time, the ratio of medians, the worst DoPr step against the base median, and the extra
-optimizer-state bytes AP holds; on CUDA also each optimizer's peak memory in training (parameters,
-optimizer state, and the largest step's activations, gradients and temporaries, from
-torch.cuda.max_memory_allocated) and AP's extra peak memory (DoPr's minus its base's).
+interleaved (the order shuffled each round), so drift in machine load hits every optimizer alike.
+A step is forward + backward + optimizer step (``zero_grad`` just before it, untimed). Per workload:
 
-    python scripts/bench_optim.py                       # residual-MLP BC policy on CPU
+  - the pair table: each DoPr variant (default AP, cheap AP, and for AdamW solver=primal) against
+    its base GP: median step time, ratio of medians, worst DoPr step against the base median, the
+    base's optimizer state and the extra state AP holds; on CUDA also each optimizer's peak memory
+    in training (parameters, optimizer state, and the largest step's activations, gradients and
+    temporaries, from torch.cuda.max_memory_allocated) and AP's extra peak memory;
+  - the flop floor: multiply-adds per step of the model's AP layers and of AP on them (statistics,
+    inverse, G·P), and the ratio they set for exact AP (every step) and amortized AP (the cheap
+    settings), from the layers AP itself covers (see flop_floor);
+  - the optimizer table: every optimizer (AdamW, each pair, each peer) against AdamW: median
+    ms/step, ratio, worst step / AdamW median, all of its state in MB (GP's, including tensors held
+    in lists as SOAP's and Kron's are, plus AP's); for DoPr rows the floor and "x floor", the row's
+    ratio to its own base GP over that floor. A peer that fails to build or step on a workload
+    gets its error in the table instead of numbers; the others go on.
+
+    python scripts/bench_optim.py                       # residual-MLP BC policy on CPU, pairs and peers
     python scripts/bench_optim.py device=cuda           # adds a GPT-style block stack (bf16 autocast)
-    python scripts/bench_optim.py device=cuda pairs=[adamw,muon] primal=false out=results/bench
+    python scripts/bench_optim.py device=cuda pairs=[adamw,muon] primal=false peers=[] out=results/bench
     python scripts/bench_optim.py threads=1 rounds=10 steps=5 out=results/bench
+    python scripts/bench_optim.py threads=1 rounds=10 steps=5 workloads=[mlp,wide,lm] pairs=[adamw] \\
+        primal=false peers=[soap,kron] out=results/bench tag=cpu_peers   # the peer table of docs/cost.md
 
 Keys (key=value, like run.py's overrides):
     device        cpu or cuda[:i] (default cpu)
-    workloads     [mlp], [gpt] or [mlp,gpt] (default: [mlp] on CPU, [mlp,gpt] on CUDA)
+    workloads     any of mlp, wide, lm, gpt (default: [mlp] on CPU, [mlp,gpt] on CUDA):
+                    mlp   residual MLP 348->256x3->17 (expansion 2), batch 256, MSE (the Gymnasium BC policy)
+                    wide  3 x Linear(wide_width, wide_width), GELU between, batch wide_batch, MSE to random targets
+                    lm    the lm_arith task's GPT (configs/task/lm_arith.yaml: 2 layers x 64, 4 heads, its
+                          CharTokenizer's vocabulary, its sequence length, batch 32), next-token CE on random tokens
+                    gpt   a GPT-style block stack, bf16 autocast (sized by the gpt_* keys; meant for CUDA)
     rounds        interleaved rounds, each optimizer's order shuffled per round (default 10)
     steps         timed steps per optimizer per round (default 10)
     warmup        untimed steps per optimizer before timing (default 5)
     threads       torch CPU threads (default: torch's own choice)
     pairs         base GPs to compare with their DoPr variant, default and cheap AP settings
-                  (default [adamw,muon,signum,adamuon])
-    primal        also DoPr-AdamW with solver=primal (the d x d path only) (default true)
+                  (default [adamw,muon,signum,adamuon]); AdamW itself is always measured (the reference)
+    peers         other optimizers to time against AdamW: [] or any of soap, kron (default [soap,kron]; both
+                  pytorch-optimizer's, and kron needs opt_einsum: pip install 'dopr[optimizers]')
+    primal        also DoPr-AdamW with solver=primal (the d x d path only), when pairs has adamw (default true)
+    wide_width, wide_batch
+                  size of the wide workload (default 1024, 1024)
     gpt_d_model, gpt_layers, gpt_seq_len, gpt_batch
                   size of the GPT workload (default 768, 12, 1024, 8: GPT-2 small's blocks, 85M parameters)
     tag           the name in the output files (default: cpu on CPU, the GPU's name on CUDA, e.g. h100_80gb_hbm3)
     out           folder for the tables (bench_<tag>.md) and raw numbers (bench_<tag>.json)
 """
 
+import importlib.util
 import json
+import math
 import random
 import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,8 +71,11 @@ from dopr.optim import build_optimizer
 from dopr.records import machine as machine_info
 from dopr.cli import parse_script_args
 
-WORKLOADS = ("mlp", "gpt")
+REPO = Path(__file__).resolve().parents[1]
+WORKLOADS = ("mlp", "wide", "lm", "gpt")
 PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]
+# build_optimizer's GPs with a preconditioner of their own (it has no Shampoo); timed against AdamW.
+PEERS = ("soap", "kron")
 CHEAP = dict(ap=dict(stat_interval=10, inverse_interval=10, max_rows=1024))  # statistics and P every 10 steps (staggered), sub-sampled rows
 
 
@@ -58,6 +85,40 @@ def mlp_workload(device: str):
     model = ResidualMLP(348, 17, width=256, depth=3, expansion=2).to(device)
     x, y = torch.randn(256, 348, device=device), torch.randn(256, 17, device=device)
     return model, lambda m: (m(x) - y).pow(2).mean(), "residual MLP 348->256x3->17, batch 256"
+
+
+def wide_workload(device: str, width: int, batch: int):
+    """Three square Linear layers with GELU between: the regime where rows (the batch) match the inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                          nn.Linear(width, width)).to(device)
+    x, y = torch.randn(batch, width, device=device), torch.randn(batch, width, device=device)
+    return model, lambda m: (m(x) - y).pow(2).mean(), f"wide MLP 3 x Linear({width}, {width}), batch {batch}"
+
+
+def lm_workload(device: str):
+    """The lm_arith task's GPT at the task's sizes (configs/task/lm_arith.yaml), on random tokens:
+    the task's training step without its data pipeline (the model sees ids[:, :-1], as the task's loss)."""
+    from omegaconf import OmegaConf
+
+    from dopr.data.arith import ArithmeticProblems, CharTokenizer
+    from dopr.models.gpt import GPT
+
+    task = OmegaConf.load(REPO / "configs" / "task" / "lm_arith.yaml").task
+    seq = ArithmeticProblems(tuple(task.operations), task.min_digits, task.max_digits,
+                             task.mul_multiplier_digits).max_sequence_length()
+    vocab = CharTokenizer().vocab_size
+    torch.manual_seed(0)
+    model = GPT(vocab, seq, n_layers=task.n_layers, d_model=task.d_model, n_heads=task.n_heads,
+                bias=task.bias).to(device)
+    ids = torch.randint(vocab, (task.batch_size, seq), device=device)
+
+    def loss(m):
+        logits = m(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    return model, loss, (f"lm_arith GPT {task.n_layers} x {task.d_model}, {task.n_heads} heads, vocab {vocab}, "
+                         f"seq {seq - 1}, batch {task.batch_size}")
 
 
 def gpt_workload(device: str, d_model: int, layers: int, seq: int, batch: int):
@@ -91,51 +152,196 @@ def gpt_workload(device: str, d_model: int, layers: int, seq: int, batch: int):
                          f"({params / 1e6:.1f}M parameters)")
 
 
-def bench(workload, names: list[tuple[str, dict]], device: str, rounds: int, steps: int, warmup: int) -> dict:
+# -- the flop floor --------------------------------------------------------------------------------
+
+def ap_layers(model: nn.Module, loss_fn, opt) -> list[dict]:
+    """The layers a DoPr optimizer's AP preconditions, as AP itself sees them in one step of ``loss_fn``:
+    name, n (rows AP records), d_in (the layer's own inputs), d (AP's, d_in + 1 when the bias is
+    augmented), d_out. One forward + backward without a step; ``zero_grad`` then drops its statistics."""
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+    layers = [dict(name=layer.name, n=layer.rows, d_in=layer.in_dim, d=layer.dim, d_out=layer.block.out_dim)
+              for layer in opt.preconditioner.layers]
+    opt.zero_grad(set_to_none=True)
+    return layers
+
+
+def sampled_rows(n: int, max_rows: int | None) -> int:
+    """Rows left after AP's strided sub-sampling to about ``max_rows`` (statistics.LayerStats.commit)."""
+    if max_rows is None or n <= max_rows:
+        return n
+    return len(range(0, n, math.ceil(n / max_rows)))
+
+
+def flop_floor(layers: list[dict], stat_interval: int = 1, inverse_interval: int = 1,
+               max_rows: int | None = None) -> dict:
+    """Multiply-adds per step of the AP layers' matmuls and of AP's work on them; the ratio they set.
+
+    Per layer with n rows (batch x sequence for a GPT), d_in inputs, d = d_in + 1 when ap.bias=augment
+    (AP's statistics carry a constant-1 column; d = d_in otherwise) and d_out outputs:
+
+        model       3·n·d_in·d_out   forward, and backward's input and weight gradients. Only the AP
+                    layers' matmuls: attention's score and value products (QKᵀ, AV), embeddings, norms
+                    and elementwise ops are left out, so it is a lower bound on the model's work
+        statistics  n·d²             zᵀz
+        inverse     d³               Cholesky (d³/3) and the inverse from its factor (2d³/3), counted as d³
+        G·P         d_out·d²
+
+    AP's elementwise work (damping, casts, copies) is left out too: every term is a lower bound.
+    Exact AP (the paper's defaults) does all three every step. Amortized AP (the cheap settings) does
+    G·P every step, the statistics once per ``stat_interval`` steps on rows sub-sampled to ``max_rows``,
+    the inverse once per ``inverse_interval`` steps. Floor = (model + AP) / model: DoPr's ratio to its
+    base if time went as these multiply-adds and the base GP cost nothing; for the d x d path (AP's
+    batch-space path can cost less where n is far below d).
+    """
+    model = sum(3 * x["n"] * x["d_in"] * x["d_out"] for x in layers)
+    stats = sum(x["n"] * x["d"] ** 2 for x in layers)
+    inverse = sum(x["d"] ** 3 for x in layers)
+    gp = sum(x["d_out"] * x["d"] ** 2 for x in layers)
+    stats_sampled = sum(sampled_rows(x["n"], max_rows) * x["d"] ** 2 for x in layers)
+    amortized = gp + stats_sampled / stat_interval + inverse / inverse_interval
+    return dict(layers=layers, model=model, stats=stats, inverse=inverse, gp=gp,
+                exact=(model + stats + inverse + gp) / model, amortized=(model + amortized) / model,
+                stat_interval=stat_interval, inverse_interval=inverse_interval, max_rows=max_rows)
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One optimizer of the run: its label, build_optimizer's name and settings, and what it is compared with."""
+
+    label: str
+    name: str
+    extra: dict = field(default_factory=dict)
+    base: str | None = None  # a DoPr row's base GP (its label)
+    floor: str | None = None  # a DoPr row's flop floor: "exact" or "amortized"
+    peer: bool = False  # a failure to build or step is reported, not raised
+
+
+def entries(pairs: list[str], peers: list[str], primal: bool) -> list[Entry]:
+    """AdamW first (every ratio of the optimizer table is to it), then each chosen pair's base, DoPr
+    and DoPr cheap, DoPr-AdamW primal, the peers."""
+    chosen = [(b, d) for b, d in PAIRS if b in pairs]
+    out = [Entry("adamw", "adamw")]
+    out += [Entry(b, b) for b, _ in chosen if b != "adamw"]
+    out += [Entry(d, d, base=b, floor="exact") for b, d in chosen]
+    out += [Entry(f"{d}+cheap", d, CHEAP, base=b, floor="amortized") for b, d in chosen]
+    if primal and "adamw" in pairs:  # without the batch-space path
+        out.append(Entry("dopr_adamw+primal", "dopr_adamw", dict(ap=dict(solver="primal")), base="adamw",
+                         floor="exact"))
+    out += [Entry(p, p, peer=True) for p in peers]
+    return out
+
+
+def state_bytes(opt) -> dict[str, int]:
+    """Bytes of every tensor in the optimizer's state: the GP's (inner optimizers' state, tensors in
+    lists and dicts included, as SOAP's and Kron's factors are; each storage once) and AP's."""
+    seen, gp = set(), 0
+
+    def walk(value):
+        nonlocal gp
+        if torch.is_tensor(value):
+            key = (value.device, value.untyped_storage().data_ptr())
+            if not value.numel() or key not in seen:
+                seen.add(key)
+                gp += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    for o in getattr(opt, "optimizers", [opt]):
+        for s in o.state.values():
+            walk(s)
+    preconditioner = getattr(opt, "preconditioner", None)
+    return {"gp": gp, "ap": 0 if preconditioner is None else preconditioner.memory_bytes()}
+
+
+def _error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+
+
+def bench(workload, names: list[Entry], device: str, rounds: int, steps: int, warmup: int) -> dict:
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    runs = {}
-    for label, (name, extra) in names:
+    runs, layers = {}, None
+    for entry in names:
         model, loss_fn, desc = workload()
-        opt = build_optimizer(model, name, lr=1e-4, **extra)
-        runs[label] = dict(model=model, loss=loss_fn, opt=opt, times=[], step_peak=0)
-    for run in runs.values():  # warm caches, allocate state, compute first inverses
+        try:
+            opt = build_optimizer(model, entry.name, lr=1e-4, **entry.extra)
+        except Exception as error:
+            if not entry.peer:
+                raise
+            runs[entry.label] = dict(error=_error(error))
+            continue
+        if layers is None and entry.floor == "exact":  # the layers AP covers, from AP itself
+            layers = ap_layers(model, loss_fn, opt)
+        runs[entry.label] = dict(model=model, loss=loss_fn, opt=opt, times=[], step_peak=0, peer=entry.peer)
+    live = lambda: [label for label, run in runs.items() if "error" not in run]
+    for label in live():  # warm caches, allocate state, compute first inverses
+        run = runs[label]
         for _ in range(warmup):
             run["opt"].zero_grad(set_to_none=True)
-            _step(run)
+            _guarded_step(run, runs, label)
+            if "error" in runs[label]:
+                break
     sync()
-    order = list(runs)
+    order = live()
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)
         for label in order:
             run = runs[label]
             for _ in range(steps):
+                if "error" in runs[label]:
+                    break
                 run["opt"].zero_grad(set_to_none=True)
                 sync()
                 if cuda:  # what this step allocates above what every model and optimizer already hold
                     before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 t = time.perf_counter()
-                _step(run)
+                if not _guarded_step(run, runs, label):
+                    break
                 sync()
                 run["times"].append(time.perf_counter() - t)
                 if cuda:
                     run["step_peak"] = max(run["step_peak"], torch.cuda.max_memory_allocated(device) - before)
     out = {}
     for label, r in runs.items():
-        memory = r["opt"].memory_bytes()
+        if "error" in r:
+            out[label] = dict(error=r["error"])
+            continue
+        memory = state_bytes(r["opt"])
         params = sum(p.numel() * p.element_size() for p in r["model"].parameters())
         # Training this model alone with this optimizer: parameters, GP and AP state, and the step's peak.
         peak = params + memory["gp"] + memory["ap"] + r["step_peak"] if cuda else None
         out[label] = dict(times=r["times"], memory=memory, peak=peak)
-    return out | {"_desc": desc}
+    return out | {"_desc": desc, "_layers": layers}
 
 
 def _step(run):
     run["loss"](run["model"]).backward()
     run["opt"].step()
 
+
+def _guarded_step(run, runs: dict, label: str) -> bool:
+    """One step; a peer that raises is dropped from the run with its error (its model and state freed)."""
+    if not run["peer"]:
+        _step(run)
+        return True
+    try:
+        _step(run)
+        return True
+    except Exception as error:
+        runs[label] = dict(error=_error(error))
+        return False
+
+
+# -- tables ----------------------------------------------------------------------------------------
 
 def table(results: dict, pairs: list[tuple[str, str]]) -> list[dict]:
     rows = []
@@ -152,6 +358,28 @@ def table(results: dict, pairs: list[tuple[str, str]]) -> list[dict]:
     return rows
 
 
+def optimizer_table(results: dict, names: list[Entry], floor: dict | None) -> list[dict]:
+    """Every optimizer against AdamW; DoPr rows with their floor and their ratio to their base over it."""
+    ref = statistics.median(results["adamw"]["times"])
+    rows = []
+    for entry in names:
+        r = results[entry.label]
+        if "error" in r:
+            rows.append(dict(optimizer=entry.label, error=r["error"]))
+            continue
+        med = statistics.median(r["times"])
+        row = dict(optimizer=entry.label, ms=1e3 * med, ratio=med / ref, worst_ratio=max(r["times"]) / ref,
+                   state_mb=(r["memory"]["gp"] + r["memory"]["ap"]) / 2**20, base=entry.base,
+                   floor_kind=entry.floor, floor=None, ratio_to_base=None, x_floor=None)
+        if entry.base is not None:
+            row["ratio_to_base"] = med / statistics.median(results[entry.base]["times"])
+            if floor is not None:
+                row["floor"] = floor[entry.floor]
+                row["x_floor"] = row["ratio_to_base"] / row["floor"]
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict], title: str) -> str:
     peaks = any(r.get("base_peak_mb") is not None for r in rows)  # CUDA only
     head = ("| DoPr variant | base | base ms/step | DoPr ms/step | ratio (median) | worst step / base median "
@@ -164,6 +392,38 @@ def markdown(rows: list[dict], title: str) -> str:
         if peaks:
             line += f" {r['base_peak_mb']:.0f} | {r['dopr_peak_mb']:.0f} | {r['ap_extra_peak_mb']:.0f} |"
         out.append(line)
+    return "\n".join(out)
+
+
+def floor_markdown(floor: dict) -> str:
+    rows = sorted({x["n"] for x in floor["layers"]})
+    n = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
+    cheap = (f"statistics every {floor['stat_interval']} steps on rows sub-sampled to {floor['max_rows']}, "
+             f"inverse every {floor['inverse_interval']}")
+    return "\n".join([
+        f"Flop floor (multiply-adds per step over the {len(floor['layers'])} layers AP covers; d_in: a layer's "
+        f"inputs, d: AP's (d_in + 1 with the bias augmented); amortized: {cheap}):",
+        "",
+        "| AP layers | rows n | model 3·n·d_in·d_out | statistics n·d² | inverse d³ | G·P d_out·d² "
+        "| floor, exact AP | floor, amortized AP |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {len(floor['layers'])} | {n} | {floor['model']:.3g} | {floor['stats']:.3g} | {floor['inverse']:.3g} | "
+        f"{floor['gp']:.3g} | {floor['exact']:.3f} | {floor['amortized']:.3f} |"])
+
+
+def optimizer_markdown(rows: list[dict]) -> str:
+    out = ["| optimizer | ms/step | ratio to AdamW | worst step / AdamW median | state MB | AP floor | x floor |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['optimizer']} | failed: {r['error'].replace('|', '/')} | | | | | |")
+            continue
+        floor = "" if r["floor"] is None else f"{r['floor']:.3f} ({r['floor_kind']})"
+        x = "" if r["x_floor"] is None else f"{r['x_floor']:.2f}"
+        out.append(f"| {r['optimizer']} | {r['ms']:.2f} | {r['ratio']:.3f} | {r['worst_ratio']:.2f} | "
+                   f"{r['state_mb']:.2f} | {floor} | {x} |")
+    out += ["", "x floor: a DoPr row's ratio to its own base GP (the pair table's ratio) over its AP floor. "
+                "State: every tensor the optimizer holds (GP and AP)."]
     return "\n".join(out)
 
 
@@ -184,7 +444,10 @@ class BenchArgs:
     warmup: int = 5
     threads: int | None = None
     pairs: list[str] | None = None
+    peers: list[str] | None = None
     primal: bool = True
+    wide_width: int = 1024
+    wide_batch: int = 1024
     gpt_d_model: int = 768
     gpt_layers: int = 12
     gpt_seq_len: int = 1024
@@ -205,9 +468,19 @@ class BenchArgs:
             self.pairs = bases
         if not self.pairs or sorted(set(self.pairs) - set(bases)):
             raise ValueError(f"pairs={self.pairs}: choose a non-empty list from {bases}")
+        if self.peers is None:
+            self.peers = list(PEERS)
+        if sorted(set(self.peers) - set(PEERS)) or len(set(self.peers)) != len(self.peers):
+            raise ValueError(f"peers={self.peers}: choose from {list(PEERS)}, each once, or [] for none")
+        if self.peers and importlib.util.find_spec("pytorch_optimizer") is None:
+            raise ValueError(f"peers={self.peers} are pytorch-optimizer's, which is not installed: "
+                             f"pip install 'dopr[optimizers]', or peers=[]")
+        if "kron" in self.peers and not torch.backends.opt_einsum.is_available():
+            raise ValueError(f"peers={self.peers}: kron needs the opt_einsum package (pip install 'dopr[optimizers]'), "
+                             f"or leave kron out")
         if self.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.tag):
             raise ValueError(f"tag={self.tag!r}: letters, digits, '.', '_' and '-' only (it names files)")
-        for key in ("rounds", "steps"):
+        for key in ("rounds", "steps", "wide_width", "wide_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
@@ -217,38 +490,42 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
-    machine = (f"{info['cpu']} ({info['cores']} cores, {info['platform']}), {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}" + (f", {info['gpu']}, CUDA {torch.version.cuda}" if "gpu" in info else ""))
-    chosen = [(b, d) for b, d in PAIRS if b in args.pairs]
-    names = [(n, (n, {})) for pair in chosen for n in pair]
-    names += [(f"{d}+cheap", (d, CHEAP)) for _, d in chosen]
-    pairs = chosen + [(b, f"{d}+cheap") for b, d in chosen]
-    if args.primal and "adamw" in args.pairs:  # without the batch-space path
-        names += [("dopr_adamw+primal", ("dopr_adamw", dict(ap=dict(solver="primal"))))]
-        pairs += [("adamw", "dopr_adamw+primal")]
+    machine = (f"{info['cpu']} ({info['cores']} cores, {info['platform']}), ATen CPU capability "
+               f"{info.get('aten_cpu_capability')}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+               + (f", {info['gpu']}, CUDA {torch.version.cuda}" if "gpu" in info else ""))
+    names = entries(args.pairs, args.peers, args.primal)
+    pairs = [(e.base, e.label) for e in names if e.base is not None]  # each DoPr row with its base
     builders = {"mlp": lambda: mlp_workload(args.device),
+                "wide": lambda: wide_workload(args.device, args.wide_width, args.wide_batch),
+                "lm": lambda: lm_workload(args.device),
                 "gpt": lambda: gpt_workload(args.device, args.gpt_d_model, args.gpt_layers, args.gpt_seq_len,
                                             args.gpt_batch)}
-    workloads = [builders[w] for w in args.workloads]
-    report, raw = [f"Machine: {machine}. Cheap settings: {CHEAP}.", ""], {}
-    for workload in workloads:
+    cheap = CHEAP["ap"]
+    report = [f"Machine: {machine}. Cheap settings: {CHEAP}. Peers: {args.peers or 'none'}.", ""]
+    raw, optimizers, floors = {}, {}, {}
+    for workload in (builders[w] for w in args.workloads):
         results = bench(workload, names, args.device, args.rounds, args.steps, args.warmup)
+        desc = results["_desc"]
+        floor = flop_floor(results["_layers"], cheap["stat_interval"], cheap["inverse_interval"], cheap["max_rows"])
         rows = table(results, pairs)
-        text = markdown(rows, results["_desc"])
+        every = optimizer_table(results, names, floor)
+        text = "\n\n".join([markdown(rows, desc), floor_markdown(floor), optimizer_markdown(every)])
         print(text + "\n", flush=True)
         report += [text, ""]
-        raw[results["_desc"]] = rows
+        raw[desc], optimizers[desc], floors[desc] = rows, every, floor
         if args.out:  # after each workload: a run stopped at a time limit keeps what it finished
-            write(args, machine, report, raw)
+            write(args, machine, report, raw, optimizers, floors)
 
 
-def write(args: BenchArgs, machine: str, report: list[str], raw: dict) -> None:
+def write(args: BenchArgs, machine: str, report: list[str], raw: dict, optimizers: dict | None = None,
+          floors: dict | None = None) -> None:
     tag = args.tag or device_tag(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench_{tag}.md").write_text("\n".join(report))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / f"bench_{tag}.json").write_text(json.dumps({"machine": machine, "args": settings, "cheap": CHEAP,
-                                                            "results": raw}, indent=2))
+                                                            "results": raw, "optimizers": optimizers or {},
+                                                            "floors": floors or {}}, indent=2))
 
 
 if __name__ == "__main__":

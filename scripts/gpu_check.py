@@ -356,7 +356,7 @@ class Check:
     def bench(self, limit: float) -> dict:
         bench_dir = self.out / "bench"
         cmd = [sys.executable, "scripts/bench_optim.py", f"device={self.device}", "workloads=[mlp,gpt]",
-               "pairs=[adamw,muon]", "primal=false", f"tag={self.tag}", f"out={bench_dir}"]
+               "pairs=[adamw,muon]", "primal=false", "peers=[]", f"tag={self.tag}", f"out={bench_dir}"]  # the device minutes go to the DoPr/base ratios
         if self.size == "tiny":
             cmd += ["gpt_d_model=64", "gpt_layers=2", "gpt_seq_len=16", "gpt_batch=2", "rounds=1", "steps=2",
                     "warmup=1", "threads=1"]

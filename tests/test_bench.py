@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,103 @@ def test_cuda_tables_show_peak_memory_and_gpu_names_make_file_names():
     text = bench.markdown([row], "GPT")
     assert "AP extra peak MB |" in text and text.splitlines()[-1].endswith("| 9000 | 9400 | 400 |")
     assert bench.device_tag("cpu") == "cpu"
+
+
+def test_flop_floor_counts_the_layers_ap_covers_by_hand():
+    """Two layers, one with an augmented bias, on a (batch 2, sequence 7) input: n = 14 rows each."""
+    import torch
+    from torch import nn
+
+    from dopr.optim import build_optimizer
+
+    bench = load_script("bench_optim")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    inputs = torch.randn(2, 7, 3)
+    loss = lambda m: m(inputs).pow(2).mean()
+    layers = bench.ap_layers(model, loss, build_optimizer(model, "dopr_adamw"))
+    assert [(x["n"], x["d_in"], x["d"], x["d_out"]) for x in layers] == [(14, 3, 4, 4), (14, 4, 4, 2)]
+    floor = bench.flop_floor(layers, stat_interval=10, inverse_interval=10)
+    # model 3·n·d_in·d_out with the true in_features; AP's terms with d = d_in + 1 for the augmented bias
+    model_macs = 3 * 14 * 3 * 4 + 3 * 14 * 4 * 2  # 504 + 336 = 840
+    stats, inverse, gp = 14 * 4**2 + 14 * 4**2, 4**3 + 4**3, 4 * 4**2 + 2 * 4**2  # 448, 128, 96
+    assert (floor["model"], floor["stats"], floor["inverse"], floor["gp"]) == (model_macs, stats, inverse, gp)
+    assert math.isclose(floor["exact"], (840 + 448 + 128 + 96) / 840)  # 1.8
+    assert math.isclose(floor["amortized"], (840 + 96 + (448 + 128) / 10) / 840)
+    # ap.bias=gp: the bias stays with the GP, so AP's d is the layer's own
+    plain = bench.ap_layers(model, loss, build_optimizer(model, "dopr_adamw", ap=dict(bias="gp")))
+    assert [x["d"] for x in plain] == [3, 4]
+    # max_rows sub-sampling: the floor's row count is the one AP records (14 rows, stride 3 -> 5)
+    cheap = bench.ap_layers(model, loss, build_optimizer(model, "dopr_adamw", ap=dict(max_rows=5, stat_interval=10)))
+    assert [x["n"] for x in cheap] == [bench.sampled_rows(14, 5)] * 2 == [5, 5]
+    sampled = bench.flop_floor(layers, 10, 10, max_rows=5)
+    assert math.isclose(sampled["amortized"], (840 + 96 + (5 * 16 * 2) / 10 + 128 / 10) / 840)
+
+
+def test_state_bytes_counts_the_tensors_soap_keeps_in_lists():
+    pytest.importorskip("pytorch_optimizer")
+    import torch
+    from torch import nn
+
+    from dopr.optim import build_optimizer
+
+    bench = load_script("bench_optim")
+    model = nn.Linear(4, 3)
+    for name in ("adamw", "soap"):
+        opt = build_optimizer(model, name)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).sum().backward()
+            opt.step()
+        flat = opt.memory_bytes()["gp"]  # tensors held directly in each parameter's state
+        if name == "adamw":
+            assert bench.state_bytes(opt) == {"gp": flat, "ap": 0}
+        else:  # SOAP's GG and Q factor lists: (3x3 + 4x4) floats each for the weight
+            assert bench.state_bytes(opt)["gp"] >= flat + 2 * 4 * (9 + 16)
+
+
+def test_peer_table_on_the_wide_workload(tmp_path):
+    """pairs=[adamw] peers=[soap]: AdamW, DoPr-AdamW (default, cheap) and SOAP in one table, with the floor."""
+    pytest.importorskip("pytorch_optimizer")
+    bench = load_script("bench_optim")
+    bench.main(["workloads=[wide]", "wide_width=8", "wide_batch=16", "pairs=[adamw]", "primal=false", "peers=[soap]",
+                "rounds=1", "steps=1", "warmup=1", f"out={tmp_path}", "tag=peers"])
+    report = json.loads((tmp_path / "bench_peers.json").read_text())
+    (desc,) = report["optimizers"]
+    assert desc == "wide MLP 3 x Linear(8, 8), batch 16"
+    rows = {r["optimizer"]: r for r in report["optimizers"][desc]}
+    assert list(rows) == ["adamw", "dopr_adamw", "dopr_adamw+cheap", "soap"]
+    assert rows["adamw"]["ratio"] == 1.0 and rows["soap"]["state_mb"] > rows["adamw"]["state_mb"]
+    floor = report["floors"][desc]
+    assert floor["model"] == 3 * (3 * 16 * 8 * 8) and floor["gp"] == 3 * 8 * 9**2  # d = 8 + 1 (bias)
+    assert rows["dopr_adamw"]["floor"] == floor["exact"] and rows["dopr_adamw+cheap"]["floor"] == floor["amortized"]
+    for label in ("dopr_adamw", "dopr_adamw+cheap"):
+        assert math.isclose(rows[label]["x_floor"], rows[label]["ratio_to_base"] / rows[label]["floor"])
+    assert rows["soap"]["floor"] is None and math.isfinite(rows["soap"]["ratio"])
+    md = (tmp_path / "bench_peers.md").read_text()
+    assert "ATen CPU capability" in md.splitlines()[0]
+    assert "| floor, exact AP | floor, amortized AP |" in md and "| AP floor | x floor |" in md
+    assert "| soap | " in md and "(amortized) |" in md
+    assert [(r["base"], r["dopr"]) for r in report["results"][desc]] == [("adamw", "dopr_adamw"),
+                                                                        ("adamw", "dopr_adamw+cheap")]
+
+
+def test_unknown_peers_and_workloads_are_refused_before_any_work(capsys, monkeypatch):
+    bench = load_script("bench_optim")
+    for arg, message in [
+            ("peers=[shampoo]", "peers=['shampoo']: choose from ['soap', 'kron'], each once, or []"),
+            ("workloads=[wid]", "workloads=['wid']: choose a non-empty list from ['mlp', 'wide', 'lm', 'gpt']")]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main([arg])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # Kron without opt_einsum would run through its factors' outer product: refused before any work, here and
+    # by build_optimizer itself
+    pytest.importorskip("pytorch_optimizer")
+    monkeypatch.setattr(bench.torch.backends.opt_einsum, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="kron needs the opt_einsum package"):
+        bench.BenchArgs(peers=["kron"])
+    assert bench.BenchArgs(peers=["soap"]).peers == ["soap"] and bench.BenchArgs(peers=[]).peers == []
+    from dopr.optim import build_optimizer
+
+    with pytest.raises(ImportError, match=r"kron and dopr_kron need the opt_einsum package.*dopr\[optimizers\]"):
+        build_optimizer(bench.torch.nn.Linear(2, 2), "kron", lr=1e-3)
