@@ -208,3 +208,33 @@ def test_the_study_command_adds_decomposition_files_and_figure_for_a_verdict(tmp
     assert "decomposition" not in (out / "study.md").read_text()
     assert (out / "trajectories.png").stat().st_size > 1000  # the verdict pair along training
     assert json.loads((out / "provenance.json").read_text())["runs tabled"] == 8
+
+
+def _claim(dopr_metric, base_metric, train_dopr=None, train_base=None, steps=None, base_vals=None):
+    """The paper-claim verdict of a pair of three seeds whose curves differ only in the metric (and train loss)."""
+    vals = [1.0, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2]
+    dopr = {s: run(vals, [m + 0.01 * s for m in dopr_metric], train=train_dopr) for s in range(3)}
+    base = {s: run(base_vals or vals, base_metric, train=train_base) for s in range(3)}
+    part = {"matched": dc.matched_loss(dopr, base, METRIC, True),
+            "matched_train": dc.matched_loss(dopr, base, METRIC, True, "train/loss") if train_dopr else None,
+            "train_column": "train/loss" if train_dopr else None, "convergence": dc.convergence(base)}
+    return dc.paper_claim(part)
+
+
+def test_the_paper_claim_gets_its_verdict_word_from_matched_loss_and_convergence():
+    low, high = [0.0] * 8, [1.0] * 8
+    assert _claim(high, low) == ("holds", "at matched val/loss: held")
+    assert _claim(low, high)[0] == "reversed at matched val/loss"
+    assert _claim(low, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.01])[0] == "not shown"
+    # better at matched val/loss (0.6 vs 0.3 at val/loss 0.2), worse at matched train-set loss: DoPr fits its
+    # training set sooner, and at train loss 0.1 it reads 0.2 against the base's 0.4
+    rising_dopr, rising_base = [0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8], [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4, 0.4]
+    fast, slow = [1.0, 0.1, 0.05, 0.02, 0.01, 0.01, 0.01, 0.01], [1.0, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1]
+    assert _claim(rising_dopr, rising_base, fast, slow) == (
+        "reversed at matched train-set loss (train/loss)",
+        "at matched val/loss: held; at matched train-set loss (train/loss): reversed")
+    assert _claim(rising_dopr, rising_base, slow, slow)[0] == "holds"
+    # a base still falling over its last quarter: the same comparison, labelled budget-limited
+    assert _claim(high, low, base_vals=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2])[0] == "budget-limited: holds"
+    # no overlap of the loss ranges on any seed
+    assert _claim(high, low, base_vals=[9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.5])[0] == "untestable"

@@ -30,6 +30,13 @@ answered from the evaluation points (evals.csv), paired by seed.
    ("base budget too short; rerun the base with more steps"). Where DoPr's step is not costlier, the
    fixed-budget verdict already is the equal-compute one.
 
+The paper's claim, "DoPr improves the test metric at equal or worse training/validation loss", gets one verdict
+word per pair from parts 2 and 3 (``paper_claim``), beside the fixed-budget verdict (DoPr − base at the last
+evaluation, paired by seed): "holds" when DoPr is better at matched val/loss and at matched train-set loss
+(where that is recorded), "holds at matched <loss> only" when one is and the other is not shown, "reversed"
+when either is worse, "not shown" when neither interval excludes 0, and "untestable" when no seed's loss
+ranges overlap; "budget-limited: " comes first where part 3 did not find the base converged.
+
 ``decomposition_table`` writes one markdown row per pair and ``decompose`` runs the four over a study's
 verdict pairs (the base and DoPr at their chosen settings, as ``report.headline_comparison`` pairs them).
 Wall-clock numbers are only comparable between runs made on the same machine and thread count.
@@ -440,8 +447,46 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
                     "matched_train": matched_loss(dopr, base, metric, higher, train) if train else None,
                     "pooled": pooled_matched_loss(grid_d, grid_b, metric),
                     "convergence": convergence(base),
-                    "equal_compute": equal_compute(dopr, base, metric, higher)})
+                    "equal_compute": equal_compute(dopr, base, metric, higher),
+                    "final": final_difference(dopr, base, metric, higher)})
+        out[-1]["claim"] = paper_claim(out[-1])
     return out
+
+
+def final_difference(dopr: dict, base: dict, metric: str, higher: bool) -> PairedResult | None:
+    """The fixed-budget comparison: DoPr − base of ``metric`` at each run's last evaluation, paired by seed."""
+    last = {}
+    for side, runs in (("dopr", dopr), ("base", base)):
+        last[side] = {s: float(c[metric].dropna().iloc[-1]) for s, c in runs.items()
+                      if metric in c and c[metric].notna().any()}
+    seeds = sorted(set(last["dopr"]) & set(last["base"]))
+    if not seeds:
+        return None
+    return paired_difference({s: last["dopr"][s] for s in seeds}, {s: last["base"][s] for s in seeds}, metric, higher)
+
+
+def paper_claim(part: dict) -> tuple[str, str]:
+    """The paper's claim for one pair in a verdict word, and why (the module docstring's rule)."""
+    m, mt = part["matched"], part["matched_train"]
+    if m.result is None:
+        return "untestable", f"the arms' {LOSS} ranges do not overlap on any seed"
+    found = {LOSS: m.result.verdict}
+    if mt is not None and mt.result is not None:
+        found[f"train-set loss ({part['train_column']})"] = mt.result.verdict
+    reversed_at = [loss for loss, v in found.items() if v == "reversed"]
+    held_at = [loss for loss, v in found.items() if v == "held"]
+    why = "; ".join(f"at matched {loss}: {v}" for loss, v in found.items())
+    if reversed_at:
+        word = "reversed at matched " + " and ".join(reversed_at)
+    elif len(held_at) == len(found):
+        word = "holds"
+    elif held_at:
+        word = f"holds at matched {held_at[0]} only"
+    else:
+        word = "not shown"
+    if part["convergence"]["label"] != "converged":
+        word = f"budget-limited: {word}"
+    return word, why
 
 
 # ---------------------------------------------------------------- tables
@@ -513,7 +558,8 @@ def decomposition_rows(parts: list[dict]) -> pd.DataFrame:
             "convergence": cv["label"], "convergence_why": cv["why"],
             "base_last_quarter_change_median": cv["median_change"], "plateau_fraction": PLATEAU_FRACTION,
             "dopr_s_per_step": ec["dopr_s_per_step"], "base_s_per_step": ec["base_s_per_step"],
-            **res("equal_compute", ec["result"]), "equal_compute_status": ec["status"]})
+            **res("equal_compute", ec["result"]), "equal_compute_status": ec["status"],
+            **res("final", p["final"]), "paper_claim": p["claim"][0], "paper_claim_why": p["claim"][1]})
     return pd.DataFrame(rows)
 
 
@@ -557,7 +603,9 @@ def decomposition_table(parts: list[dict]) -> str:
             "Δ pooled over the lr grid at equal val/loss": pooled,
             f"converged? (plateau: < {PLATEAU_FRACTION:.0%} over the last quarter)":
                 f"{cv['label']}: {cv['why']} (median change {_n(cv['median_change'], 2)})",
-            "equal compute": compute})
+            "equal compute": compute,
+            f"fixed budget: Δ {p['metric']} at the last evaluation": _paired_text(p["final"]),
+            "the paper's claim (better at equal or worse loss)": f"**{p['claim'][0]}** ({p['claim'][1]})"})
         for r in sp["seeds"]:
             mv = next(x for x in m.seeds if x["seed"] == r["seed"])
             cr = next((x for x in cv["seeds"] if x["seed"] == r["seed"]), None)
