@@ -68,6 +68,7 @@ from torch import nn
 
 from dopr.models.residual_mlp import ResidualMLP
 from dopr.optim import build_optimizer
+from dopr.optim.config import AP_PRESETS
 from dopr.records import machine as machine_info
 from dopr.cli import parse_script_args
 
@@ -76,7 +77,7 @@ WORKLOADS = ("mlp", "wide", "lm", "gpt")
 PAIRS = [("adamw", "dopr_adamw"), ("muon", "dopr_muon"), ("signum", "dopr_signum"), ("adamuon", "dopr_adamuon")]
 # build_optimizer's GPs with a preconditioner of their own (it has no Shampoo); timed against AdamW.
 PEERS = ("soap", "kron")
-CHEAP = dict(ap=dict(stat_interval=10, inverse_interval=10, max_rows=1024))  # statistics and P every 10 steps (staggered), sub-sampled rows
+CHEAP = dict(ap=AP_PRESETS["cheap"])  # statistics and P every 10 steps (staggered), sub-sampled rows
 
 
 def mlp_workload(device: str):

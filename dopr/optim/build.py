@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from dopr.optim.config import APConfig, check_ap_setting, is_integer, is_number
+from dopr.optim.config import AP_PRESETS, APConfig, check_ap_setting, is_integer, is_number
 from dopr.optim.dopr import DoPr
 from dopr.optim.gp import AdaMuon, Muon, route_params
 from dopr.optim.preconditioner import ActivationPreconditioner
@@ -17,7 +17,8 @@ GP_NAMES = ("adamw", "muon", "signum", "adamuon", "sgd", "soap", "kron")
 # GPs that are pytorch-optimizer's classes (the optimizers extra): imported only when built.
 PYTORCH_OPTIMIZER_GPS = {"signum": "SignSGD", "soap": "SOAP", "kron": "Kron"}
 ALIASES = {"adam": "adamw", "dopr_adam": "dopr_adamw"}
-KNOWN_OPTIMIZERS = tuple(GP_NAMES) + tuple(f"dopr_{n}" for n in GP_NAMES) + tuple(ALIASES)
+KNOWN_OPTIMIZERS = (tuple(GP_NAMES) + tuple(f"dopr_{n}" for n in GP_NAMES) + tuple(ALIASES)
+                    + tuple(f"dopr_{n}_{preset}" for preset in AP_PRESETS for n in GP_NAMES))
 
 AP_KEYS = tuple(f.name for f in dataclasses.fields(APConfig))  # the one name of each AP setting
 
@@ -154,6 +155,14 @@ def _checked(name: str, gp: str, key: str, value):
 def _plan(name, lr, weight_decay, ap, hparams: dict) -> _Plan:
     """Every check that needs no model, in the order a user would fix them; raises ValueError."""
     key = ALIASES.get(name, name) if isinstance(name, str) else None
+    preset = {}
+    if isinstance(key, str) and key.startswith("dopr_") and key.rpartition("_")[2] in AP_PRESETS:
+        key, _, preset_name = key.rpartition("_")
+        preset = AP_PRESETS[preset_name]
+        if isinstance(ap, APConfig):
+            raise ValueError(f"{name}: the {preset_name!r} preset sets {sorted(preset)}; with an APConfig, build "
+                             f"{key} instead (or pass ap as a dict of the settings to change)")
+        ap = {**preset, **(ap or {})}
     use_ap = isinstance(key, str) and key.startswith("dopr_")
     gp = key.removeprefix("dopr_") if isinstance(key, str) else None
     if gp not in _FACTORIES:
@@ -214,6 +223,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float = 1e-3, weight_decay:
                     ap: dict | APConfig | None = None, **hparams) -> DoPr:
     """Build ``name`` (see ``KNOWN_OPTIMIZERS``) for ``model``.
 
+    ``dopr_<gp>_cheap`` is ``dopr_<gp>`` with ``AP_PRESETS["cheap"]`` under ``ap`` (statistics and P every 10
+    steps, rows sub-sampled to about 1024).
     ``dopr_<gp>`` is ``<gp>`` with activation preconditioning on every supported layer (Linear, Conv1d/2d,
     MultiheadAttention, Hugging Face Conv1D; ``opt.coverage()`` lists what it covers), configured
     by ``ap``: an :class:`APConfig` or a dict of its fields (damping, stat_decay, stat_interval,

@@ -67,6 +67,12 @@ def check_ap_setting(key: str, value):
     return normalize(value)
 
 
+# Named AP settings: dopr_<gp>_<preset> is dopr_<gp> with these settings under any ap= given. "cheap":
+# statistics and P every 10 steps (refreshes staggered across layers), rows sub-sampled to about 1024, so
+# that per step AP costs about G·P alone (docs/cost.md).
+AP_PRESETS = {"cheap": {"stat_interval": 10, "inverse_interval": 10, "max_rows": 1024}}
+
+
 @dataclass
 class APConfig:
     """Hyperparameters of activation preconditioning. Paper defaults: per-batch S, every step."""

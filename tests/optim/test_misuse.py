@@ -319,3 +319,20 @@ def test_dtype_change_after_steps(dtype):
     ref_opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_preset_name_is_its_dopr_optimizer_with_the_preset_under_the_given_ap():
+    from dopr.optim.config import AP_PRESETS
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    cheap = build_optimizer(model, "dopr_adamw_cheap", lr=1e-3)
+    config = cheap.preconditioner.config
+    assert {k: getattr(config, k) for k in AP_PRESETS["cheap"]} == AP_PRESETS["cheap"]
+    assert config.damping == APConfig().damping  # everything else stays the default
+    tuned = build_optimizer(model, "dopr_muon_cheap", lr=1e-3, ap={"stat_interval": 5, "damping": 1e-2})
+    assert tuned.preconditioner.config.stat_interval == 5 and tuned.preconditioner.config.inverse_interval == 10
+    assert tuned.preconditioner.config.damping == 1e-2
+    with pytest.raises(ValueError, match=r"dopr_adamw_cheap: the 'cheap' preset sets .* build dopr_adamw instead"):
+        build_optimizer(model, "dopr_adamw_cheap", ap=APConfig())
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw_cheap'"):
+        build_optimizer(model, "adamw_cheap")
