@@ -25,6 +25,9 @@ Keys (a committed study's plan supplies them all, one study per verdict cell of 
   resamples=2000        bootstrap resamples for the Spearman interval
   similar_margin=0.1    observation 1's band: base GPs are "similar" when every pairwise interval is within
                         this fraction of the best base GP's mean
+  peers=soap,kron references=adamw,dopr_adamw
+                        arms outside the GP pairs, left out of the GP-pair tables and compared with each
+                        reference in decomposition.md (a plan's peers: and references:)
   verdict_where="task.noise_cond=1e2"  keep only the verdict runs at these settings (";" between several):
                         one cell of a plan's verdict_axes, tuning runs untouched
 
@@ -68,6 +71,8 @@ class StudyArgs:
     secondary: str | None = None
     verdict_where: str | None = None
     similar_margin: float | None = None
+    peers: str | None = None
+    references: str | None = None
 
 
 def parse_seeds(text: str, key: str) -> list[int]:
@@ -126,7 +131,7 @@ def spec_from(args: StudyArgs) -> StudySpec:
         overrides["fixed"] = {}  # pinned values belong to the registered sources
     if "commands" in given:
         overrides["commands"] = [c.strip() for c in args.commands.split(";") if c.strip()]
-    for key in ("cell_keys", "ap_keys", "predictors", "secondary"):
+    for key in ("cell_keys", "ap_keys", "predictors", "secondary", "peers", "references"):
         if key in given:
             overrides[key] = parse_keys(given[key])
     if "verdict_where" in given:

@@ -238,3 +238,31 @@ def test_the_paper_claim_gets_its_verdict_word_from_matched_loss_and_convergence
     assert _claim(high, low, base_vals=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2])[0] == "budget-limited: holds"
     # no overlap of the loss ranges on any seed
     assert _claim(high, low, base_vals=[9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.5])[0] == "untestable"
+
+
+def test_peers_are_compared_with_each_reference_and_left_out_of_the_gp_pair_tables(tmp_path):
+    from script_loader import load_script
+    from test_analysis import write_run
+
+    sweep = tmp_path / "sweep"
+    curves = {"adamw": [3.0, 2.0, 1.5], "dopr_adamw": [2.5, 1.5, 1.0], "soap": [2.8, 1.8, 1.2], "muon": [2.9, 2.1, 1.6]}
+    for seed in range(4):
+        for opt, costs in curves.items():
+            write_run(sweep, opt, seed, [{"step": 10 * (i + 1), "val/loss": v, "test/cost_ratio": c + 0.1 * seed,
+                                          "wall_time": 10.0 * (i + 1)}
+                                         for i, (c, v) in enumerate(zip(costs, [1.0, 0.5, 0.3]))])
+    out = tmp_path / "out"
+    study = load_script("study")
+    assert study.main([f"sweep={sweep}", "study=toy", "metric=test/cost_ratio", "resamples=50", f"out={out}",
+                       "tune_seeds=0,1", "verdict_seeds=2,3", "peers=soap,muon", "references=adamw,dopr_adamw"]) == 0
+    table = pd.read_csv(out / "decomposition.csv")
+    assert list(table["gp"]) == ["adamw", "soap vs adamw", "soap vs dopr_adamw", "muon vs adamw", "muon vs dopr_adamw"]
+    soap = table.set_index("gp").loc["soap vs adamw"]
+    assert soap["dopr"] == "soap" and soap["base"] == "adamw" and soap["final_diff"] == pytest.approx(
+        np.mean([math.log((1.2 + 0.1 * s) / (1.5 + 0.1 * s)) for s in (2, 3)]))  # cost ratios: log ratios
+    assert "put the peer" in (out / "decomposition.md").read_text()
+    # the GP-pair tables and the paper's observations see adamw and dopr_adamw only
+    assert set(pd.read_csv(out / "headline.csv")["gp"]) == {"adamw"}
+    assert "soap" not in (out / "observations.md").read_text() and "muon" not in (out / "observations.md").read_text()
+    runs = pd.read_csv(out / "runs.csv")
+    assert {"soap", "muon"} <= set(runs["opt.name"]) and {"soap", "muon"} <= set(pd.read_csv(out / "choice.csv")["opt.name"])

@@ -69,6 +69,17 @@ def test_a_plan_in_progress_runs_but_is_not_a_registered_study(plans):
     assert study_plan.load_plan("q")["in_progress"] and not study_plan.load_plan("p")["in_progress"]
 
 
+@pytest.mark.parametrize("extra, message", [
+    ("peers: [soap]\nreferences: [adamw]\n", r"\['soap'\] are not"),
+    ("peers: [dopr_adamw]\n", r"need references"),
+    ("peers: [adamw]\nreferences: [adamw]\n", r"no optimizer can be both"),
+])
+def test_peers_and_references_are_checked_against_the_optimizers(plans, extra, message):
+    plans(PLAN + extra)
+    with pytest.raises(SystemExit, match=message):
+        study_plan.load_plan("p")
+
+
 def test_overlapping_seeds_are_refused(plans):
     plans(PLAN.replace("verdict_seeds: [10]", "verdict_seeds: [0, 2]"))
     with pytest.raises(SystemExit, match=r"seeds \[0\] are both tuning and verdict seeds"):
@@ -227,7 +238,7 @@ EXPECTED_RUNS = {
     "gym_walker2d_budget": (348, "9e5f1342c6fe075d"),
     "lds_anisotropy": (408, "629433d20b71f396"),
     "lm_arith_len45": (195, "684f9ef0889921fc"),
-    "lm_arith_converged": (146, "170a4d889a2b9628"),
+    "lm_arith_converged": (214, "150b89e12155a0ec"),
     "robomimic_lift_3demos": (92, "1fcdc4385af8d946"),
 }
 

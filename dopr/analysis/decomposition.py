@@ -402,16 +402,19 @@ class Pair:
     dopr: dict
 
 
-def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str]) -> list[Pair]:
+def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str],
+                  comparisons: list[tuple[str, str]] = ()) -> list[Pair]:
     """The verdict-stage pairs ``report.headline_comparison`` compares: per task and GP, the base and DoPr runs
-    at their chosen settings. Empty when the study has no verdict stage."""
+    at their chosen settings; then each (peer, reference) of ``comparisons``, the peer in DoPr's place (its
+    ``gp`` reads "peer vs reference"). Empty when the study has no verdict stage."""
     from dopr.analysis import report
 
     if not (runs["stage"] == "verdict").any():
         return []
     stage, pool, keys, chosen = report._comparison_pool(runs, choice, setting_keys)
+    peers = {peer for peer, _ in comparisons}
     pairs = []
-    for (task, gp), group in pool.groupby(["task", "gp"], sort=True, dropna=False):
+    for (task, gp), group in pool[~pool["opt.name"].isin(peers)].groupby(["task", "gp"], sort=True, dropna=False):
         names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
         if set(names) != {False, True}:
             continue
@@ -422,18 +425,30 @@ def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[s
                           report._setting_label(sides[True].iloc[0], keys),
                           dict(zip(sides[False]["seed"], sides[False]["run"])),
                           dict(zip(sides[True]["seed"], sides[True]["run"]))))
+    for task, group in pool.groupby("task", sort=True):
+        for peer, reference in comparisons:
+            if not {peer, reference} <= set(group["opt.name"]):
+                continue
+            sides = {name: report._at_choice(group, name, chosen.get((task, name)), keys, stage)
+                     for name in (peer, reference)}
+            pairs.append(Pair(task, f"{peer} vs {reference}", reference, peer,
+                              report._setting_label(sides[reference].iloc[0], keys),
+                              report._setting_label(sides[peer].iloc[0], keys),
+                              dict(zip(sides[reference]["seed"], sides[reference]["run"])),
+                              dict(zip(sides[peer]["seed"], sides[peer]["run"]))))
     return pairs
 
 
 def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str], metric: str,
-              higher: bool) -> list[dict]:
-    """The four parts for every verdict pair (one dict per pair); ``runs`` is runs.csv's frame (stage, run)."""
+              higher: bool, comparisons: list[tuple[str, str]] = ()) -> list[dict]:
+    """The four parts for every verdict pair (one dict per pair); ``runs`` is runs.csv's frame (stage, run);
+    ``comparisons``: (peer, reference) pairs compared as DoPr and base are (``verdict_pairs``)."""
     train = next((c for c in TRAIN_SET_COLUMNS if c in evals and evals[c].notna().any()), None)
     columns = [LOSS, metric] + ([train] if train else [])
     by_run = {run: curve(points, columns) for run, points in evals.groupby("run", sort=False)}
     kept = set(runs["run"])
     out = []
-    for pair in verdict_pairs(runs, choice, setting_keys):
+    for pair in verdict_pairs(runs, choice, setting_keys, comparisons):
         dopr = {s: by_run[r] for s, r in pair.dopr.items()}
         base = {s: by_run[r] for s, r in pair.base.items()}
         grid = runs[(runs["task"] == pair.task) & runs["run"].isin(kept)]
@@ -621,5 +636,8 @@ def decomposition_table(parts: list[dict]) -> str:
                           "base at DoPr's wall-clock": "" if er is None else _n(er["base"], 3)})
     header = (f"§3b decomposition (dopr.analysis.decomposition): verdict seeds, each arm at its chosen setting, "
               f"DoPr − base paired by seed; intervals 95%.\n")
+    if any(" vs " in p["pair"].gp for p in parts):
+        header += ("Rows 'peer vs reference' put the peer (an optimizer outside the GP pairs) in DoPr's place and the "
+                   "reference in the base's: every column then asks the same of the peer.\n")
     return "\n".join([header, markdown_table(pd.DataFrame(rows)), "Per seed:\n",
                       markdown_table(pd.DataFrame(seeds))])

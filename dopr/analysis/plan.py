@@ -55,6 +55,11 @@ class StudyPlan:
     predictors: list[str] = field(default_factory=lambda: ["val/loss"])  # one-step metrics correlated with the test one
     secondary: list[str] = field(default_factory=list)  # further test metrics paired in every cell (last evaluation)
     notes: list[str] = field(default_factory=list)  # said next to the verdict (provenance.json)
+    # Arms that are no GP of a DoPr/base pair (peer optimizers such as soap and kron, AP presets such as
+    # dopr_adamw_cheap): tuned and run like the others, left out of the GP-pair tables and observations, and
+    # each compared with every one of ``references`` (decomposition.md: paired by seed, with §3b's parts)
+    peers: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
     # true while its sweeps run (across sessions): no results are committed yet, so it is not a registered
     # study (dopr/analysis/studies.py) and the README lists nothing of it
     in_progress: bool = False
@@ -65,6 +70,12 @@ class StudyPlan:
             if set(cut) != {"where", "optimizers"} or not isinstance(cut["where"], dict) or unknown:
                 raise ValueError(f"verdict_cut entry {cut} needs exactly the keys where and optimizers, the latter "
                                  f"from the plan's optimizers {self.optimizers}")
+        strangers = sorted(set(self.peers + self.references) - set(self.optimizers))
+        if strangers:
+            raise ValueError(f"peers and references must be among the plan's optimizers; {strangers} are not")
+        if bool(self.peers) != bool(self.references) or set(self.peers) & set(self.references):
+            raise ValueError(f"peers {self.peers} need references {self.references} to be compared with (both or "
+                             f"neither), and no optimizer can be both")
         overlap = set(self.tune_seeds) & set(self.verdict_seeds)
         if overlap:
             raise ValueError(f"seeds {sorted(overlap)} are both tuning and verdict seeds")

@@ -82,13 +82,15 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
         sweep.evals.to_csv(out / "evals.csv", index=False)
     runs.assign(ap=runs["ap"].map({True: "true", False: "false"})).to_csv(out / "runs.csv", index=False)
 
+    everyone = runs  # choice, arms and decomposition read every arm; the GP-pair tables leave the peers out
+    runs = everyone[~everyone["opt.name"].isin(spec.peers)]
     cells = report.paired_cells(runs, metric, better, spec.cell_keys, spec.ap_keys)
     others = [report.paired_cells(runs, m, higher_is_better(m), spec.cell_keys, spec.ap_keys, picks=("final",))
               for m in spec.secondary + ["val/loss"]]
     cells_all = pd.concat([cells, *others], ignore_index=True)
     cells_all.to_csv(out / "cells.csv", index=False)
     lead = ["task", "stage", "gp"] + spec.cell_keys + spec.ap_keys + ["pick", "metric"]
-    choice = report.choose_settings(runs, metric, better, settings)
+    choice = report.choose_settings(everyone, metric, better, settings)
     choice.to_csv(out / "choice.csv", index=False)
     # The headline metric at every pick, then (at the last evaluation) the secondary metrics and val/loss
     # of the same runs: what else changed where the test metric's settings were chosen.
@@ -99,10 +101,10 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     headline.to_csv(out / "headline.csv", index=False)
     observations = report.paper_observations(runs, metric, better, choice, settings, headline, spec.similar_margin)
     observations.to_csv(out / "observations.csv", index=False)
-    grid = runs[runs["stage"] == "tune"] if (runs["stage"] == "tune").any() else runs  # across the tuning grid
+    grid = everyone[everyone["stage"] == "tune"] if (everyone["stage"] == "tune").any() else everyone  # the tuning grid
     spearman = report.spearman_table(grid, metric, spec.predictors, resamples)
     spearman.to_csv(out / "decoupling.csv", index=False)
-    arms = report.arms_spearman(runs, metric, choice, settings, spec.predictors, resamples)
+    arms = report.arms_spearman(everyone, metric, choice, settings, spec.predictors, resamples)
     arms.to_csv(out / "arms.csv", index=False)
 
     sections = {
@@ -130,7 +132,7 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
         (out / f"{name}.md").write_text(text)
     direction = "higher" if better else "lower"
     study_md = [f"# {spec.name}: {spec.claim}\n", f"Metric: `{metric}` ({direction} is better). Written by "
-                f"`{analysis_command}` from {', '.join(spec.sweep)}; {len(runs)} runs. Verdict words (STUDIES §3): "
+                f"`{analysis_command}` from {', '.join(spec.sweep)}; {len(everyone)} runs. Verdict words (STUDIES §3): "
                 "held = the 95% interval excludes 0 on DoPr's better side, reversed = on the other side, "
                 "inconclusive = includes 0 (its half-width is the smallest effect the study could have seen).\n"]
     for title, text in sections.values():
@@ -138,28 +140,29 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
     (out / "study.md").write_text("\n".join(study_md))
 
     notes = list(spec.notes)
-    left = missing_values(runs, metric)
-    prov = provenance(sweep, runs, spec.commands, analysis_command, tune, verdict_seeds, notes)
+    left = missing_values(everyone, metric)
+    prov = provenance(sweep, everyone, spec.commands, analysis_command, tune, verdict_seeds, notes)
     prov["left out"]["values"] = left
     prov["metric"] = {"name": metric, "higher is better": better,
                       "directions": {m: higher_is_better(m, metric, better) for m in metrics}}
     keep_analysis_date_if_unchanged(prov, out / "provenance.json")
     atomic_write_text(out / "provenance.json", json.dumps(prov, indent=2, default=str) + "\n")
-    val_vs_test_figure(runs, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
-    if runs["opt.lr"].nunique() > 1:
-        lr_figure(runs[runs["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
+    val_vs_test_figure(everyone, metric, out / "val_vs_test.png", f"{spec.name}: val loss vs {metric}")
+    if everyone["opt.lr"].nunique() > 1:
+        lr_figure(everyone[everyone["stage"] == "tune"], [metric, "val/loss"], out / "lr_curves.png",
                   f"{spec.name}: tuning seeds, mean ± 95% over seeds")
     row = report.readme_row(spec.name, spec.claim, metric, headline[headline["pick"] == "best"], spec.readme)
     (out / "readme_row.json").write_text(json.dumps(row, indent=2) + "\n")
     (out / "readme_row.md").write_text(f"| {row['study']} | {row['claim']} | {row['metric']} | {row['result']} | "
                                        f"{row['seeds']} |\n")
-    parts = decomposition.decompose(sweep.evals, runs, choice, settings, metric, better)
+    parts = decomposition.decompose(sweep.evals, everyone, choice, settings, metric, better,
+                                    [(peer, ref) for peer in spec.peers for ref in spec.references])
     if parts:  # §3b, for the verdict pairs; a study without verdict seeds has nothing to decompose
         decomposition.decomposition_rows(parts).to_csv(out / "decomposition.csv", index=False)
         (out / "decomposition.md").write_text(decomposition.decomposition_table(parts))
         trajectories_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "trajectories.png",
                             f"{spec.name}: verdict seeds along training")
     print("\n".join(study_md))
-    print(f"wrote {out}/: runs.csv ({len(runs)} runs), provenance.json, cells, choice, headline, decoupling, arms "
+    print(f"wrote {out}/: runs.csv ({len(everyone)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
     return row

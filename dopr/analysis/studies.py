@@ -33,6 +33,8 @@ class StudySpec:
     notes: list[str] = field(default_factory=list)
     verdict_where: dict = field(default_factory=dict)  # one cell of a verdict axis: the verdict runs kept
     similar_margin: float = 0.1  # observation 1's band: base GPs "similar" within this fraction of the best's mean
+    peers: list[str] = field(default_factory=list)  # arms outside the GP pairs (dopr/analysis/plan.py)
+    references: list[str] = field(default_factory=list)  # what each peer is compared with
 
 
 def plan_studies(name: str, plan: dict) -> list[StudySpec]:
@@ -52,7 +54,8 @@ def plan_studies(name: str, plan: dict) -> list[StudySpec]:
             metric=plan["metric"], sweep=[f"results/{name}/evals.csv"], out=f"results/{name}/{label}".rstrip("/"),
             readme=plan["readme"], commands=commands, tune_seeds=list(plan["tune_seeds"]),
             verdict_seeds=list(plan["verdict_seeds"]), predictors=list(plan["predictors"]),
-            secondary=list(plan["secondary"]), notes=list(plan["notes"]), verdict_where={k: cell[k] for k in axes}))
+            secondary=list(plan["secondary"]), notes=list(plan["notes"]), verdict_where={k: cell[k] for k in axes},
+            peers=list(plan["peers"]), references=list(plan["references"])))
     return specs
 
 
