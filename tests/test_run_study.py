@@ -236,6 +236,7 @@ EXPECTED_RUNS = {
     "flow_digits_unet": (92, "282e26cbbe823b1e"),
     "gym_hopper_noise": (460, "4b9056101cd4b8b3"),
     "gym_walker2d_budget": (348, "9e5f1342c6fe075d"),
+    "gym_hopper_converged": (214, "22cc6bd86d199d91"),
     "lds_anisotropy": (408, "629433d20b71f396"),
     "lm_arith_len45": (195, "684f9ef0889921fc"),
     "lm_arith_converged": (214, "150b89e12155a0ec"),
