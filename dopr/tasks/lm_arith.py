@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from itertools import islice
 from typing import Any, Iterator
 
 import torch
@@ -84,12 +85,8 @@ class LMArithTask(Task):
         self.train_problems: list[Problem] | None = None
         if train_episodes is not None:
             require_at_least(1, train_episodes=train_episodes)
-            rng = random.Random(TRAIN_DATA_SEED)
-            self.train_problems = []
-            while len(self.train_problems) < int(train_episodes):
-                p = self.problems.sample(rng)
-                if p.prompt not in self._held_out:
-                    self.train_problems.append(p)
+            self.train_problems = list(islice(self._fresh_problems(random.Random(TRAIN_DATA_SEED)),
+                                              int(train_episodes)))
             self._train_set_tensors = encode_problems(self.train_problems[:int(val_episodes)], self.tokenizer,
                                                       self.seq_len)
 
@@ -98,12 +95,16 @@ class LMArithTask(Task):
         torch.manual_seed(self.seed)
         return GPT(self.tokenizer.vocab_size, self.seq_len, **self.model_kwargs).to(self.device)
 
+    def _fresh_problems(self, rng: random.Random) -> Iterator[Problem]:
+        """Problems drawn one by one, none of them a held-out prompt."""
+        while True:
+            p = self.problems.sample(rng)
+            if p.prompt not in self._held_out:
+                yield p
+
     def _problem_stream(self, rng: random.Random) -> Iterator[Problem]:
         if self.train_problems is None:
-            while True:
-                p = self.problems.sample(rng)
-                if p.prompt not in self._held_out:
-                    yield p
+            yield from self._fresh_problems(rng)
         order = list(range(len(self.train_problems)))
         while True:
             rng.shuffle(order)
