@@ -412,30 +412,23 @@ def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[s
     if not (runs["stage"] == "verdict").any():
         return []
     stage, pool, keys, chosen = report._comparison_pool(runs, choice, setting_keys)
+
+    def pair(task: str, gp: str, group: pd.DataFrame, base_name: str, dopr_name: str) -> Pair:
+        base, dopr = (report._at_choice(group, name, chosen.get((task, name)), keys, stage)
+                      for name in (base_name, dopr_name))
+        return Pair(task, gp, base_name, dopr_name, report._setting_label(base.iloc[0], keys),
+                    report._setting_label(dopr.iloc[0], keys), dict(zip(base["seed"], base["run"])),
+                    dict(zip(dopr["seed"], dopr["run"])))
+
     peers = {peer for peer, _ in comparisons}
     pairs = []
     for (task, gp), group in pool[~pool["opt.name"].isin(peers)].groupby(["task", "gp"], sort=True, dropna=False):
         names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
-        if set(names) != {False, True}:
-            continue
-        sides = {ap: report._at_choice(group, name, chosen.get((task, name)), keys, stage)
-                 for ap, name in names.items()}
-        pairs.append(Pair(task, gp, names[False], names[True],
-                          report._setting_label(sides[False].iloc[0], keys),
-                          report._setting_label(sides[True].iloc[0], keys),
-                          dict(zip(sides[False]["seed"], sides[False]["run"])),
-                          dict(zip(sides[True]["seed"], sides[True]["run"]))))
+        if set(names) == {False, True}:
+            pairs.append(pair(task, gp, group, names[False], names[True]))
     for task, group in pool.groupby("task", sort=True):
-        for peer, reference in comparisons:
-            if not {peer, reference} <= set(group["opt.name"]):
-                continue
-            sides = {name: report._at_choice(group, name, chosen.get((task, name)), keys, stage)
-                     for name in (peer, reference)}
-            pairs.append(Pair(task, f"{peer} vs {reference}", reference, peer,
-                              report._setting_label(sides[reference].iloc[0], keys),
-                              report._setting_label(sides[peer].iloc[0], keys),
-                              dict(zip(sides[reference]["seed"], sides[reference]["run"])),
-                              dict(zip(sides[peer]["seed"], sides[peer]["run"]))))
+        pairs += [pair(task, f"{peer} vs {reference}", group, reference, peer) for peer, reference in comparisons
+                  if {peer, reference} <= set(group["opt.name"])]
     return pairs
 
 
