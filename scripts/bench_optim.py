@@ -235,32 +235,6 @@ def entries(pairs: list[str], peers: list[str], primal: bool) -> list[Entry]:
     return out
 
 
-def state_bytes(opt) -> dict[str, int]:
-    """Bytes of every tensor in the optimizer's state: the GP's (inner optimizers' state, tensors in
-    lists and dicts included, as SOAP's and Kron's factors are; each storage once) and AP's."""
-    seen, gp = set(), 0
-
-    def walk(value):
-        nonlocal gp
-        if torch.is_tensor(value):
-            key = (value.device, value.untyped_storage().data_ptr())
-            if not value.numel() or key not in seen:
-                seen.add(key)
-                gp += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    for o in getattr(opt, "optimizers", [opt]):
-        for s in o.state.values():
-            walk(s)
-    preconditioner = getattr(opt, "preconditioner", None)
-    return {"gp": gp, "ap": 0 if preconditioner is None else preconditioner.memory_bytes()}
-
-
 def _error(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
 
@@ -316,7 +290,7 @@ def bench(workload, names: list[Entry], device: str, rounds: int, steps: int, wa
         if "error" in r:
             out[label] = dict(error=r["error"])
             continue
-        memory = state_bytes(r["opt"])
+        memory = r["opt"].memory_bytes()
         params = sum(p.numel() * p.element_size() for p in r["model"].parameters())
         # Training this model alone with this optimizer: parameters, GP and AP state, and the step's peak.
         peak = params + memory["gp"] + memory["ap"] + r["step_peak"] if cuda else None

@@ -85,28 +85,6 @@ def test_flop_floor_counts_the_layers_ap_covers_by_hand():
     assert math.isclose(sampled["amortized"], (840 + 96 + (5 * 16 * 2) / 10 + 128 / 10) / 840)
 
 
-def test_state_bytes_counts_the_tensors_soap_keeps_in_lists():
-    pytest.importorskip("pytorch_optimizer")
-    import torch
-    from torch import nn
-
-    from dopr.optim import build_optimizer
-
-    bench = load_script("bench_optim")
-    model = nn.Linear(4, 3)
-    for name in ("adamw", "soap"):
-        opt = build_optimizer(model, name)
-        for _ in range(2):
-            opt.zero_grad()
-            model(torch.randn(5, 4)).sum().backward()
-            opt.step()
-        flat = opt.memory_bytes()["gp"]  # tensors held directly in each parameter's state
-        if name == "adamw":
-            assert bench.state_bytes(opt) == {"gp": flat, "ap": 0}
-        else:  # SOAP's GG and Q factor lists: (3x3 + 4x4) floats each for the weight
-            assert bench.state_bytes(opt)["gp"] >= flat + 2 * 4 * (9 + 16)
-
-
 def test_peer_table_on_the_wide_workload(tmp_path):
     """pairs=[adamw] peers=[soap]: AdamW, DoPr-AdamW (default, cheap) and SOAP in one table, with the floor."""
     pytest.importorskip("pytorch_optimizer")

@@ -132,14 +132,28 @@ class DoPr(Optimizer):
         self._param_kinds = _param_kinds(self.optimizers)  # torch cast the state to the parameters'
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by optimizer state: the GP's and AP's (the overhead DoPr adds)."""
-        gp = sum(
-            t.numel() * t.element_size()
-            for o in self.optimizers
-            for s in o.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )
+        """Bytes held by optimizer state: the GP's (every tensor of the inner optimizers' state, those in
+        lists and dicts included, as SOAP's and Kron's factors are; each storage once) and AP's (the
+        overhead DoPr adds)."""
+        seen, gp = set(), 0
+
+        def walk(value):
+            nonlocal gp
+            if torch.is_tensor(value):
+                key = (value.device, value.untyped_storage().data_ptr())
+                if not value.numel() or key not in seen:
+                    seen.add(key)
+                    gp += value.numel() * value.element_size()
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v)
+
+        for o in self.optimizers:
+            for s in o.state.values():
+                walk(s)
         ap = 0 if self.preconditioner is None else self.preconditioner.memory_bytes()
         return {"gp": gp, "ap": ap}
 

@@ -201,6 +201,23 @@ def test_memory_accounting():
     assert mem["ap"] == sum(4 * (d * d + d + (d + 1) ** 2) for d in (6, 16, 16))
 
 
+def test_memory_accounting_counts_the_tensors_soap_keeps_in_lists():
+    pytest.importorskip("pytorch_optimizer")
+    model = nn.Linear(4, 3)
+    for name in ("adamw", "soap"):
+        opt = build_optimizer(model, name)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).sum().backward()
+            opt.step()
+        flat = sum(t.numel() * t.element_size() for o in opt.optimizers for state in o.state.values()
+                   for t in state.values() if torch.is_tensor(t))  # tensors held directly in each parameter's state
+        if name == "adamw":
+            assert opt.memory_bytes() == {"gp": flat, "ap": 0}
+        else:  # SOAP's GG and Q factor lists: (3x3 + 4x4) floats each for the weight
+            assert opt.memory_bytes()["gp"] >= flat + 2 * 4 * (9 + 16)
+
+
 def _gloo_worker(rank, world, port, x, result_dir, overlap):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
