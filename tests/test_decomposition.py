@@ -207,7 +207,31 @@ def test_the_study_command_adds_decomposition_files_and_figure_for_a_verdict(tmp
     assert pd.read_csv(out / "decomposition.csv").loc[0, "dopr_s_per_step"] == pytest.approx(2.0)
     assert "decomposition" not in (out / "study.md").read_text()
     assert (out / "trajectories.png").stat().st_size > 1000  # the verdict pair along training
+    assert (out / "arms_vs_time.png").stat().st_size > 1000  # both arms against wall-clock
     assert json.loads((out / "provenance.json").read_text())["runs tabled"] == 8
+
+
+def test_arm_time_curves_average_each_arm_over_its_verdict_seeds():
+    """Two arms, two seeds each, two evaluations: mean wall-clock and mean metric per step, by hand."""
+    from dopr.analysis.decomposition import Pair
+    from dopr.analysis.figures import arm_time_curves
+
+    rows = []
+    for arm, slow in (("adamw", 1.0), ("dopr_adamw", 2.0)):
+        for seed, offset in ((0, 0.0), (1, 0.2)):
+            for step in (10, 20):
+                rows.append({"run": f"{arm}/{seed}", "step": step, "wall_time": slow * step + seed,
+                             "test/return": step / 10 + offset})
+    pair = Pair("t", "adamw", "adamw", "dopr_adamw", "lr=1", "lr=2", {0: "adamw/0", 1: "adamw/1"},
+                {0: "dopr_adamw/0", 1: "dopr_adamw/1"})
+    curves = arm_time_curves(pd.DataFrame(rows), [pair, pair], "test/return")  # an arm in two pairs counts once
+    assert list(curves) == ["adamw (lr=1)", "dopr_adamw (lr=2)"]
+    dopr = curves["dopr_adamw (lr=2)"]
+    assert dopr["step"].tolist() == [10, 20] and dopr["seeds"].tolist() == [2, 2]
+    assert dopr["wall_time"].tolist() == pytest.approx([20.5, 40.5])
+    assert dopr["mean"].tolist() == pytest.approx([1.1, 2.1])
+    # two seeds 0.2 apart: t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.1414 / 1.414 = 1.2706 each side
+    assert (dopr["high"] - dopr["mean"]).tolist() == pytest.approx([1.2706, 1.2706], rel=1e-3)
 
 
 def _claim(dopr_metric, base_metric, train_dopr=None, train_base=None, steps=None, base_vals=None):

@@ -1,7 +1,7 @@
 """A study's figures: ``lr_figure`` (each metric against opt.lr per GP, with and without AP),
-``val_vs_test_figure`` (final val loss against the test metric, per optimizer) and ``trajectories_figure``
+``val_vs_test_figure`` (final val loss against the test metric, per optimizer), ``trajectories_figure``
 (docs/STUDIES.md §3b: the test metric along training against val/loss and against wall-clock, per verdict
-pair, every verdict seed)."""
+pair, every verdict seed) and ``arms_time_figure`` (every arm's test metric against wall-clock on one axis)."""
 
 from __future__ import annotations
 
@@ -112,4 +112,51 @@ def trajectories_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Pat
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str) -> dict[str, pd.DataFrame]:
+    """Every arm of the verdict pairs (GPs, DoPr variants, peers; each at its chosen setting, each once):
+    per evaluation step, the mean wall-clock seconds to reach it over the verdict seeds and the mean of
+    ``metric`` with its 95% t-interval. Label "name (setting)" -> columns step, seeds, wall_time, mean,
+    low, high."""
+    arms: dict[str, dict] = {}
+    for pair in pairs:
+        arms.setdefault(f"{pair.base_name} ({pair.base_setting})", pair.base)
+        arms.setdefault(f"{pair.dopr_name} ({pair.dopr_setting})", pair.dopr)
+    curves = {}
+    for label, runs in arms.items():
+        points = evals[evals["run"].isin(list(runs.values()))].replace([np.inf, -np.inf], np.nan)
+        if "wall_time" not in points or points["wall_time"].isna().all():
+            continue
+        rows = []
+        for step, at in points.groupby("step", sort=True):
+            interval = mean_interval(at[metric])
+            rows.append(dict(step=step, seeds=interval.n, wall_time=float(at["wall_time"].mean()),
+                             mean=interval.mean, low=interval.low, high=interval.high))
+        curves[label] = pd.DataFrame(rows)
+    return curves
+
+
+def arms_time_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, title: str) -> None:
+    """``arm_time_curves`` on one axis, each interval a band: what each arm reaches for the time it costs
+    (a run's wall-clock includes its evaluations and the machine's load). DoPr arms solid, others dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, curve) in enumerate(arm_time_curves(evals, pairs, metric).items()):
+        color = f"C{i % 10}"
+        ax.plot(curve["wall_time"], curve["mean"], "-" if label.startswith("dopr") else "--", color=color,
+                marker=".", label=f"{label}, {int(curve['seeds'].max())} seeds")
+        ax.fill_between(curve["wall_time"], curve["low"], curve["high"], color=color, alpha=0.12)
+    ax.set_xlabel("wall-clock seconds (mean over verdict seeds)")
+    ax.set_ylabel(f"{metric} (mean, 95% interval over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

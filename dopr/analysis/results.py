@@ -9,9 +9,10 @@ observations.{csv,md} (the paper's three Fig. 7 observations with verdict words)
 (Spearman over each optimizer's runs), arms.{csv,md} (Spearman across optimizers of their seed means: does the
 arm that fits better deploy better), val_vs_test.png, lr_curves.png (when lr varies), study.md (all tables)
 and readme_row.{json,md} (for scripts/results_table.py); decomposition.{csv,md} (docs/STUDIES.md §3b: speed,
-matched loss, converged or budget-limited, equal compute; dopr.analysis.decomposition) and trajectories.png
-(the test metric along training against val/loss and wall-clock) when the study has verdict-stage DoPr/base
-pairs and evals.csv's evaluation points.
+matched loss, converged or budget-limited, equal compute; dopr.analysis.decomposition), trajectories.png
+(the test metric along training against val/loss and wall-clock, per pair) and arms_vs_time.png (every arm's
+test metric against wall-clock, one axis) when the study has verdict-stage DoPr/base pairs and evals.csv's
+evaluation points.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from dopr.analysis import decomposition, report
-from dopr.analysis.figures import lr_figure, trajectories_figure, val_vs_test_figure
+from dopr.analysis.figures import arms_time_figure, lr_figure, trajectories_figure, val_vs_test_figure
 from dopr.analysis.markdown import fmt_cell, format_paired, markdown_table
 from dopr.analysis.provenance import keep_analysis_date_if_unchanged, missing_values, provenance
 from dopr.analysis.stats import higher_is_better
@@ -162,6 +163,8 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
         (out / "decomposition.md").write_text(decomposition.decomposition_table(parts))
         trajectories_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "trajectories.png",
                             f"{spec.name}: verdict seeds along training")
+        arms_time_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "arms_vs_time.png",
+                         f"{spec.name}: every arm against wall-clock")
     print("\n".join(study_md))
     print(f"wrote {out}/: runs.csv ({len(everyone)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
