@@ -138,6 +138,11 @@ def test_equal_compute_gives_the_base_dopr_wall_clock_or_says_it_is_too_short():
     assert "base budget too short on 1/3 seeds" in out["status"] and "about 800" in out["status"]
     cheap = dc.equal_compute({1: run([1.0, 0.5])}, {1: run([1.0, 0.5], seconds_per_step=3.0)}, METRIC, higher=True)
     assert cheap["result"] is None and "not costlier" in cheap["status"]
+    # Seed 3's base run flat by part 3's rule: its last value (0.2) stands at DoPr's wall-clock, said so.
+    flat = dc.equal_compute(dopr, base, METRIC, higher=True, flat={3})
+    assert {r["seed"]: r["carried"] for r in flat["seeds"]} == {1: False, 2: False, 3: True}
+    assert [r["base"] for r in flat["seeds"]][2] == pytest.approx(0.2) and flat["result"].diff.n == 3
+    assert "carried to DoPr's wall-clock on 1/3 seeds" in flat["status"] and "too short" not in flat["status"]
 
 
 def test_value_at_time_interpolates_in_wall_clock():

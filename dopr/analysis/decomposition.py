@@ -26,9 +26,10 @@ answered from the evaluation points (evals.csv), paired by seed.
 4. **Equal compute** (``equal_compute``): seconds per step are a run's last wall_time over its last step
    (evaluation time included, as wall_time counts it). Where DoPr's mean over seeds exceeds the base's, DoPr's
    final metric is compared with the base's metric at the wall_time equal to DoPr's total (linear in wall_time
-   between the base's evaluations), paired by seed; a base run that stopped before that wall_time gives None
-   ("base budget too short; rerun the base with more steps"). Where DoPr's step is not costlier, the
-   fixed-budget verdict already is the equal-compute one.
+   between the base's evaluations), paired by seed. A base run that stopped before that wall_time keeps its
+   last value where part 3 found that run flat (its schedule had ended on a plateau: "carried"), and gives
+   None otherwise ("base budget too short; rerun the base with more steps"). Where DoPr's step is not
+   costlier, the fixed-budget verdict already is the equal-compute one.
 
 The paper's claim, "DoPr improves the test metric at equal or worse training/validation loss", gets one verdict
 word per pair from parts 2 and 3 (``paper_claim``), beside the fixed-budget verdict (DoPr − base at the last
@@ -352,9 +353,10 @@ def convergence(base: dict, fraction: float = PLATEAU_FRACTION) -> dict:
             "too_few": few, "still_changing": moving, "n": len(rows)}
 
 
-def equal_compute(dopr: dict, base: dict, metric: str, higher: bool) -> dict:
+def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set | frozenset = frozenset()) -> dict:
     """Part 4 (see the module docstring): seconds per step of both arms, and DoPr's final metric against the
-    base's at DoPr's total wall-clock when DoPr's step costs more."""
+    base's at DoPr's total wall-clock when DoPr's step costs more. ``flat``: the seeds whose base run part 3
+    found flat, whose last value stands for a longer budget."""
     seeds = sorted(set(dopr) & set(base))
     d_sps = [seconds_per_step(dopr[s]) for s in seeds]
     b_sps = [seconds_per_step(base[s]) for s in seeds]
@@ -370,18 +372,26 @@ def equal_compute(dopr: dict, base: dict, metric: str, higher: bool) -> dict:
         b = base[s].dropna(subset=[metric, "wall_time"])
         budget = float(d["wall_time"].iloc[-1])
         value = value_at_time(b, budget, metric)
+        carried = not math.isfinite(value) and s in flat and len(b) > 0
         out["seeds"].append({"seed": s, "dopr_seconds": budget, "base_seconds": float(b["wall_time"].iloc[-1]),
-                             "dopr": float(d[metric].iloc[-1]), "base": value,
+                             "dopr": float(d[metric].iloc[-1]),
+                             "base": float(b[metric].iloc[-1]) if carried else value, "carried": carried,
                              "base_steps_needed": budget / seconds_per_step(b)})
     ok = [r for r in out["seeds"] if math.isfinite(r["base"])]
     short = len(out["seeds"]) - len(ok)
+    carried = sum(r["carried"] for r in out["seeds"])
     if ok:
         out["result"] = paired_difference({r["seed"]: r["dopr"] for r in ok}, {r["seed"]: r["base"] for r in ok},
                                           metric, higher)
     needed = _median(r["base_steps_needed"] for r in out["seeds"] if not math.isfinite(r["base"]))
-    out["status"] = ("" if not short else
-                     f"base budget too short on {short}/{len(out['seeds'])} seeds; rerun the base with more steps "
-                     f"(about {needed:.0f})")
+    status = []
+    if carried:
+        status.append(f"base's last value carried to DoPr's wall-clock on {carried}/{len(out['seeds'])} seeds "
+                      f"(base run flat by part 3's plateau rule)")
+    if short:
+        status.append(f"base budget too short on {short}/{len(out['seeds'])} seeds; rerun the base with more steps "
+                      f"(about {needed:.0f})")
+    out["status"] = "; ".join(status)
     return out
 
 
@@ -448,14 +458,16 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
         grid_d = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.dopr_name, "run"]}
         grid_b = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.base_name, "run"]}
         evaluations = [len(c) for c in [*dopr.values(), *base.values()]]
+        plateau = convergence(base)
+        flat = {row["seed"] for row in plateau["seeds"] if row["label"] == "flat"}
         out.append({"pair": pair, "metric": metric, "train_column": train,
                     "evaluations": (min(evaluations), max(evaluations)) if evaluations else (0, 0),
                     "speed": speed(dopr, base),
                     "matched": matched_loss(dopr, base, metric, higher),
                     "matched_train": matched_loss(dopr, base, metric, higher, train) if train else None,
                     "pooled": pooled_matched_loss(grid_d, grid_b, metric),
-                    "convergence": convergence(base),
-                    "equal_compute": equal_compute(dopr, base, metric, higher),
+                    "convergence": plateau,
+                    "equal_compute": equal_compute(dopr, base, metric, higher, flat),
                     "final": final_difference(dopr, base, metric, higher)})
         out[-1]["claim"] = paper_claim(out[-1])
     return out
@@ -626,7 +638,8 @@ def decomposition_table(parts: list[dict]) -> str:
                           "base last-quarter change": (f"{cr['change']:+.1%} ({cr['label']})"
                                                        if cr and math.isfinite(cr["change"])
                                                        else (cr["label"] if cr else "")),
-                          "base at DoPr's wall-clock": "" if er is None else _n(er["base"], 3)})
+                          "base at DoPr's wall-clock": "" if er is None else
+                          _n(er["base"], 3) + (" (carried: flat)" if er["carried"] else "")})
     header = (f"§3b decomposition (dopr.analysis.decomposition): verdict seeds, each arm at its chosen setting, "
               f"DoPr − base paired by seed; intervals 95%.\n")
     if any(" vs " in p["pair"].gp for p in parts):
