@@ -6,7 +6,7 @@ Every optimizer trains its own copy of the same model on the same batch; repetit
 interleaved (the order shuffled each round), so drift in machine load hits every optimizer alike.
 A step is forward + backward + optimizer step (``zero_grad`` just before it, untimed). Per workload:
 
-  - the pair table: each DoPr variant (default AP, cheap AP, and for AdamW solver=primal) against
+  - the pair table: each DoPr variant (default AP, cheap AP, and for AdamW solver=primal and P formed) against
     its base GP: median step time, ratio of medians, worst DoPr step against the base median, the
     base's optimizer state and the extra state AP holds; on CUDA also each optimizer's peak memory
     in training (parameters, optimizer state, and the largest step's activations, gradients and
@@ -44,6 +44,9 @@ Keys (key=value, like run.py's overrides):
     peers         other optimizers to time against AdamW: [] or any of soap, kron (default [soap,kron]; both
                   pytorch-optimizer's, and kron needs opt_einsum: pip install 'dopr[optimizers]')
     primal        also DoPr-AdamW with solver=primal (the d x d path only), when pairs has adamw (default true)
+    formed        also DoPr-AdamW with every inverse formed as P and multiplied, where by default AP applies an
+                  inverse used once by solving with its Cholesky factor (what that saves), when pairs has adamw
+                  (default true)
     wide_width, wide_batch
                   size of the wide workload (default 1024, 1024)
     gpt_d_model, gpt_layers, gpt_seq_len, gpt_batch
@@ -185,24 +188,29 @@ def flop_floor(layers: list[dict], stat_interval: int = 1, inverse_interval: int
                     layers' matmuls: attention's score and value products (QKᵀ, AV), embeddings, norms
                     and elementwise ops are left out, so it is a lower bound on the model's work
         statistics  n·d²             zᵀz
-        inverse     d³               Cholesky (d³/3) and the inverse from its factor (2d³/3), counted as d³
-        G·P         d_out·d²
+        factor      d³/3             Cholesky of S + mu I
+        inverse     2d³/3            P from the factor
+        G·P         d_out·d²         one GEMM with P, or two triangular solves with the factor
 
     AP's elementwise work (damping, casts, copies) is left out too: every term is a lower bound.
-    Exact AP (the paper's defaults) does all three every step. Amortized AP (the cheap settings) does
-    G·P every step, the statistics once per ``stat_interval`` steps on rows sub-sampled to ``max_rows``,
-    the inverse once per ``inverse_interval`` steps. Floor = (model + AP) / model: DoPr's ratio to its
-    base if time went as these multiply-adds and the base GP cost nothing; for the d x d path (AP's
-    batch-space path can cost less where n is far below d).
+    Each floor counts the algorithm AP runs at those settings. Exact AP (the paper's defaults: statistics
+    and inverse every step) factors and solves every step, never forming P (solvers.factor_once_cheaper).
+    Amortized AP (the cheap settings) does G·P every step with a P formed (factor + inverse) once per
+    ``inverse_interval`` steps and the statistics once per ``stat_interval`` steps on rows sub-sampled
+    to ``max_rows``. "Formed" is exact AP with P formed every step (``formed=true``'s row). Floor = (model + AP) / model: DoPr's ratio to its base if time went as these
+    multiply-adds and the base GP cost nothing; for the d x d path (AP's batch-space path can cost
+    less where n is far below d).
     """
     model = sum(3 * x["n"] * x["d_in"] * x["d_out"] for x in layers)
     stats = sum(x["n"] * x["d"] ** 2 for x in layers)
-    inverse = sum(x["d"] ** 3 for x in layers)
+    factor = sum(x["d"] ** 3 for x in layers) / 3
+    inverse = 2 * factor
     gp = sum(x["d_out"] * x["d"] ** 2 for x in layers)
     stats_sampled = sum(sampled_rows(x["n"], max_rows) * x["d"] ** 2 for x in layers)
-    amortized = gp + stats_sampled / stat_interval + inverse / inverse_interval
-    return dict(layers=layers, model=model, stats=stats, inverse=inverse, gp=gp,
-                exact=(model + stats + inverse + gp) / model, amortized=(model + amortized) / model,
+    amortized = gp + stats_sampled / stat_interval + (factor + inverse) / inverse_interval
+    return dict(layers=layers, model=model, stats=stats, factor=factor, inverse=inverse, gp=gp,
+                exact=(model + stats + factor + gp) / model, amortized=(model + amortized) / model,
+                formed=(model + stats + factor + inverse + gp) / model,
                 stat_interval=stat_interval, inverse_interval=inverse_interval, max_rows=max_rows)
 
 
@@ -216,13 +224,14 @@ class Entry:
     name: str
     extra: dict = field(default_factory=dict)
     base: str | None = None  # a DoPr row's base GP (its label)
-    floor: str | None = None  # a DoPr row's flop floor: "exact" or "amortized"
+    floor: str | None = None  # a DoPr row's flop floor: "exact", "amortized" or "formed"
     peer: bool = False  # a failure to build or step is reported, not raised
+    form_inverse: bool = False  # AP forms every inverse as P, even where it would solve with the factor
 
 
-def entries(pairs: list[str], peers: list[str], primal: bool) -> list[Entry]:
+def entries(pairs: list[str], peers: list[str], primal: bool, formed: bool = False) -> list[Entry]:
     """AdamW first (every ratio of the optimizer table is to it), then each chosen pair's base, DoPr
-    and DoPr cheap, DoPr-AdamW primal, the peers."""
+    and DoPr cheap, DoPr-AdamW primal, DoPr-AdamW with P formed, the peers."""
     chosen = [(b, d) for b, d in PAIRS if b in pairs]
     out = [Entry("adamw", "adamw")]
     out += [Entry(b, b) for b, _ in chosen if b != "adamw"]
@@ -231,6 +240,8 @@ def entries(pairs: list[str], peers: list[str], primal: bool) -> list[Entry]:
     if primal and "adamw" in pairs:  # without the batch-space path
         out.append(Entry("dopr_adamw+primal", "dopr_adamw", dict(ap=dict(solver="primal")), base="adamw",
                          floor="exact"))
+    if formed and "adamw" in pairs:  # what solving with the factor saves, in the same run
+        out.append(Entry("dopr_adamw+formed", "dopr_adamw", base="adamw", floor="formed", form_inverse=True))
     out += [Entry(p, p, peer=True) for p in peers]
     return out
 
@@ -252,6 +263,8 @@ def bench(workload, names: list[Entry], device: str, rounds: int, steps: int, wa
                 raise
             runs[entry.label] = dict(error=_error(error))
             continue
+        if entry.form_inverse:
+            opt.preconditioner.always_form_inverse = True
         if layers is None and entry.floor == "exact":  # the layers AP covers, from AP itself
             layers = ap_layers(model, loss_fn, opt)
         runs[entry.label] = dict(model=model, loss=loss_fn, opt=opt, times=[], step_peak=0, peer=entry.peer)
@@ -379,11 +392,14 @@ def floor_markdown(floor: dict) -> str:
         f"Flop floor (multiply-adds per step over the {len(floor['layers'])} layers AP covers; d_in: a layer's "
         f"inputs, d: AP's (d_in + 1 with the bias augmented); amortized: {cheap}):",
         "",
-        "| AP layers | rows n | model 3·n·d_in·d_out | statistics n·d² | inverse d³ | G·P d_out·d² "
-        "| floor, exact AP | floor, amortized AP |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {len(floor['layers'])} | {n} | {floor['model']:.3g} | {floor['stats']:.3g} | {floor['inverse']:.3g} | "
-        f"{floor['gp']:.3g} | {floor['exact']:.3f} | {floor['amortized']:.3f} |"])
+        "| AP layers | rows n | model 3·n·d_in·d_out | statistics n·d² | factor d³/3 | inverse 2d³/3 "
+        "| G·P d_out·d² | floor, exact AP | floor, amortized AP |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {len(floor['layers'])} | {n} | {floor['model']:.3g} | {floor['stats']:.3g} | {floor['factor']:.3g} | "
+        f"{floor['inverse']:.3g} | {floor['gp']:.3g} | {floor['exact']:.3f} | {floor['amortized']:.3f} |",
+        "",
+        "Exact AP factors and solves every step (statistics, factor, G·P); amortized AP forms P (factor and "
+        "inverse) once per interval and multiplies every step."])
 
 
 def optimizer_markdown(rows: list[dict]) -> str:
@@ -421,6 +437,7 @@ class BenchArgs:
     pairs: list[str] | None = None
     peers: list[str] | None = None
     primal: bool = True
+    formed: bool = True
     wide_width: int = 1024
     wide_batch: int = 1024
     gpt_d_model: int = 768
@@ -468,7 +485,7 @@ def main(argv: list[str]) -> None:
     machine = (f"{info['cpu']} ({info['cores']} cores, {info['platform']}), ATen CPU capability "
                f"{info.get('aten_cpu_capability')}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
                + (f", {info['gpu']}, CUDA {torch.version.cuda}" if "gpu" in info else ""))
-    names = entries(args.pairs, args.peers, args.primal)
+    names = entries(args.pairs, args.peers, args.primal, args.formed)
     pairs = [(e.base, e.label) for e in names if e.base is not None]  # each DoPr row with its base
     builders = {"mlp": lambda: mlp_workload(args.device),
                 "wide": lambda: wide_workload(args.device, args.wide_width, args.wide_batch),

@@ -357,7 +357,7 @@ class Check:
         bench_dir = self.out / "bench"
         # the device minutes go to the DoPr/base ratios; the peers are timed on CPU
         cmd = [sys.executable, "scripts/bench_optim.py", f"device={self.device}", "workloads=[mlp,gpt]",
-               "pairs=[adamw,muon]", "primal=false", "peers=[]", f"tag={self.tag}", f"out={bench_dir}"]
+               "pairs=[adamw,muon]", "primal=false", "formed=false", "peers=[]", f"tag={self.tag}", f"out={bench_dir}"]
         if self.size == "tiny":
             cmd += ["gpt_d_model=64", "gpt_layers=2", "gpt_seq_len=16", "gpt_batch=2", "rounds=1", "steps=2",
                     "warmup=1", "threads=1"]

@@ -28,8 +28,9 @@ def test_bench_gpt_workload_reports_every_pair(tmp_path):
 
 
 def test_bench_pairs_primal_and_tag_choose_what_runs(tmp_path):
-    """What gpu_check asks of it: AdamW and Muon only, no primal variant, files named by tag."""
+    """What gpu_check asks of it: AdamW and Muon only, no primal or P-formed variant, files named by tag."""
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench_optim.py"), "pairs=[adamw,muon]", "primal=false",
+                    "formed=false",
                     "workloads=[gpt]", "gpt_d_model=64", "gpt_layers=1", "gpt_seq_len=8", "gpt_batch=2",
                     "tag=tiny-gpu", "rounds=1", "steps=1", "warmup=1", "threads=1", f"out={tmp_path}"],
                    check=True, cwd=REPO, capture_output=True, text=True)
@@ -71,9 +72,11 @@ def test_flop_floor_counts_the_layers_ap_covers_by_hand():
     floor = bench.flop_floor(layers, stat_interval=10, inverse_interval=10)
     # model 3·n·d_in·d_out with the true in_features; AP's terms with d = d_in + 1 for the augmented bias
     model_macs = 3 * 14 * 3 * 4 + 3 * 14 * 4 * 2  # 504 + 336 = 840
-    stats, inverse, gp = 14 * 4**2 + 14 * 4**2, 4**3 + 4**3, 4 * 4**2 + 2 * 4**2  # 448, 128, 96
-    assert (floor["model"], floor["stats"], floor["inverse"], floor["gp"]) == (model_macs, stats, inverse, gp)
-    assert math.isclose(floor["exact"], (840 + 448 + 128 + 96) / 840)  # 1.8
+    stats, cubes, gp = 14 * 4**2 + 14 * 4**2, 4**3 + 4**3, 4 * 4**2 + 2 * 4**2  # 448, 128, 96
+    assert (floor["model"], floor["stats"], floor["gp"]) == (model_macs, stats, gp)
+    assert math.isclose(floor["factor"], cubes / 3) and math.isclose(floor["inverse"], 2 * cubes / 3)
+    # exact AP solves with the factor every step; amortized AP forms P (factor + inverse) once in 10
+    assert math.isclose(floor["exact"], (840 + 448 + 128 / 3 + 96) / 840)
     assert math.isclose(floor["amortized"], (840 + 96 + (448 + 128) / 10) / 840)
     # ap.bias=gp: the bias stays with the GP, so AP's d is the layer's own
     plain = bench.ap_layers(model, loss, build_optimizer(model, "dopr_adamw", ap=dict(bias="gp")))
@@ -86,7 +89,7 @@ def test_flop_floor_counts_the_layers_ap_covers_by_hand():
 
 
 def test_peer_table_on_the_wide_workload(tmp_path):
-    """pairs=[adamw] peers=[soap]: AdamW, DoPr-AdamW (default, cheap) and SOAP in one table, with the floor."""
+    """pairs=[adamw] peers=[soap]: AdamW, DoPr-AdamW (default, cheap, P formed) and SOAP in one table, with the floor."""
     pytest.importorskip("pytorch_optimizer")
     bench = load_script("bench_optim")
     bench.main(["workloads=[wide]", "wide_width=8", "wide_batch=16", "pairs=[adamw]", "primal=false", "peers=[soap]",
@@ -95,20 +98,21 @@ def test_peer_table_on_the_wide_workload(tmp_path):
     (desc,) = report["optimizers"]
     assert desc == "wide MLP 3 x Linear(8, 8), batch 16"
     rows = {r["optimizer"]: r for r in report["optimizers"][desc]}
-    assert list(rows) == ["adamw", "dopr_adamw", "dopr_adamw+cheap", "soap"]
+    assert list(rows) == ["adamw", "dopr_adamw", "dopr_adamw+cheap", "dopr_adamw+formed", "soap"]
     assert rows["adamw"]["ratio"] == 1.0 and rows["soap"]["state_mb"] > rows["adamw"]["state_mb"]
     floor = report["floors"][desc]
     assert floor["model"] == 3 * (3 * 16 * 8 * 8) and floor["gp"] == 3 * 8 * 9**2  # d = 8 + 1 (bias)
     assert rows["dopr_adamw"]["floor"] == floor["exact"] and rows["dopr_adamw+cheap"]["floor"] == floor["amortized"]
-    for label in ("dopr_adamw", "dopr_adamw+cheap"):
+    assert rows["dopr_adamw+formed"]["floor"] == floor["formed"] > floor["exact"]  # P formed: 2d^3/3 more
+    for label in ("dopr_adamw", "dopr_adamw+cheap", "dopr_adamw+formed"):
         assert math.isclose(rows[label]["x_floor"], rows[label]["ratio_to_base"] / rows[label]["floor"])
     assert rows["soap"]["floor"] is None and math.isfinite(rows["soap"]["ratio"])
     md = (tmp_path / "bench_peers.md").read_text()
     assert "ATen CPU capability" in md.splitlines()[0]
     assert "| floor, exact AP | floor, amortized AP |" in md and "| AP floor | x floor |" in md
     assert "| soap | " in md and "(amortized) |" in md
-    assert [(r["base"], r["dopr"]) for r in report["results"][desc]] == [("adamw", "dopr_adamw"),
-                                                                        ("adamw", "dopr_adamw+cheap")]
+    assert [(r["base"], r["dopr"]) for r in report["results"][desc]] == [
+        ("adamw", "dopr_adamw"), ("adamw", "dopr_adamw+cheap"), ("adamw", "dopr_adamw+formed")]
 
 
 def test_unknown_peers_and_workloads_are_refused_before_any_work(capsys, monkeypatch):

@@ -51,7 +51,9 @@ from dopr.optim.solvers import (  # noqa: F401
     FP64_COST_GPU_FULL_RATE,
     FP64_COST_GPU_OTHER,
     BatchSpaceFactor,
+    damped_cholesky,
     damped_inverse,
+    factor_once_cheaper,
     fp64_cost,
     full_fp32_precision,
 )
@@ -112,6 +114,8 @@ class ActivationPreconditioner:
         self._keep_rows = self.config.batch_space_allowed()
         self._sync = StatisticsSync()
         self._warned_non_finite = False
+        # Form every inverse as P even where it is applied once (scripts/bench_optim.py times both ways).
+        self.always_form_inverse = False
 
     # -- hooks -----------------------------------------------------------------------------------
     def _recording(self) -> bool:
@@ -240,12 +244,9 @@ class ActivationPreconditioner:
             layer.reset()
         if self.steps >= cfg.start_step:
             for layer in self.layers:
-                if id(layer) not in new or layer.P is None or layer in batch_space:
+                if id(layer) not in new or not layer.has_inverse() or layer in batch_space:
                     continue
-                G = layer.grad_matrix()
-                # At least P's precision (fp32 or more); P may predate a change of the model's dtype.
-                dtype = torch.promote_types(G.dtype, layer.P.dtype)
-                layer.set_grad_matrix(G.to(dtype) @ layer.P.to(device=G.device, dtype=dtype))
+                layer.set_grad_matrix(layer.apply_inverse(layer.grad_matrix()))
 
     def _warn_non_finite(self, layer: LayerStats) -> None:
         if not self._warned_non_finite:
@@ -258,7 +259,7 @@ class ActivationPreconditioner:
         if layer.warned_missing:
             return
         layer.warned_missing = True
-        now = "keeps its last inverse" if layer.P is not None else "gets its plain gradient"
+        now = "keeps its last inverse" if layer.has_inverse() else "gets its plain gradient"
         warnings.warn(
             f"AP: layer {layer.name!r} ({type(layer.module).__name__}) got a gradient at step {self.steps} but none "
             "of its inputs was recorded: no training-mode forward of the module with grad enabled led to that "
@@ -293,7 +294,7 @@ class ActivationPreconditioner:
         due = [
             layer
             for layer in self.layers
-            if layer.S is not None and (layer.P is None or (self.steps + layer.index) % k == 0)
+            if layer.S is not None and (not layer.has_inverse() or (self.steps + layer.index) % k == 0)
         ]
         world_size, rank = world()
         # Under torch.distributed each layer's inverse is computed by one owner rank and broadcast.
@@ -301,15 +302,28 @@ class ActivationPreconditioner:
         by_shape: dict[tuple, list[LayerStats]] = {}
         for layer in owned:
             by_shape.setdefault((layer.dim, layer.S.device, layer.S.dtype), []).append(layer)
-        for group in by_shape.values():  # one batched Cholesky per shape
-            P = damped_inverse(torch.stack([layer.S for layer in group]), self.config.damping)
-            for layer, inverse in zip(group, P):
-                layer.P = inverse
+        for (_, device, _), group in by_shape.items():  # one batched Cholesky per shape
+            S = torch.stack([layer.S for layer in group])
+            factors = damped_cholesky(S, self.config.damping) if self._applied_once(device, world_size) else None
+            if factors is not None:
+                for layer, factor in zip(group, factors):
+                    layer.set_inverse(factor=factor)
+                continue
+            for layer, inverse in zip(group, damped_inverse(S, self.config.damping)):
+                layer.set_inverse(P=inverse)
         if world_size > 1:
             broadcast_inverses(due, world_size, rank)
         if self.config.stat_decay == 0:
             for layer in due:
                 layer.S = None  # not needed again until the next statistics step
+
+    def _applied_once(self, device: torch.device, world_size: int) -> bool:
+        """Whether a fresh inverse is used for one step only (statistics and inverse every step), so that
+        solving with its factor beats forming it (solvers.factor_once_cheaper). Under torch.distributed
+        the owner rank broadcasts P itself."""
+        cfg = self.config
+        return (cfg.stat_interval == 1 and cfg.inverse_interval == 1 and world_size == 1
+                and factor_once_cheaper(device) and not self.always_form_inverse)
 
     def start_statistics_sync(self) -> None:
         """Launch this step's statistics all-reduce now, so it runs while backward does.
@@ -354,10 +368,10 @@ class ActivationPreconditioner:
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        """Bytes held by AP state (statistics accumulators, S, P) right now."""
+        """Bytes held by AP state (statistics accumulators, S, the inverse or its factor) right now."""
         total = 0
         for layer in self.layers:
-            for t in (layer.xtx, layer.xsum, layer.S, layer.P):
+            for t in (layer.xtx, layer.xsum, layer.S, layer.P, layer.factor):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
@@ -365,7 +379,8 @@ class ActivationPreconditioner:
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,
-            "layers": {layer.name: {"S": layer.S, "P": layer.P} for layer in self.layers},
+            # P as a matrix even where the layer holds its factor, so that a state loads into any setting.
+            "layers": {layer.name: {"S": layer.S, "P": layer.inverse()} for layer in self.layers},
         }
 
     def check_state_dict(self, state) -> None:
@@ -397,7 +412,7 @@ class ActivationPreconditioner:
             entry = state["layers"][layer.name]
             device = layer.weight.device
             layer.S = None if entry["S"] is None else entry["S"].to(device)
-            layer.P = None if entry["P"] is None else entry["P"].to(device)
+            layer.set_inverse(P=None if entry["P"] is None else entry["P"].to(device))
 
 
 def _keys(value) -> list:

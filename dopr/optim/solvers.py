@@ -1,6 +1,7 @@
 """The linear algebra of AP: G P by a d x d inverse or in batch space, and what each costs.
 
-    P   = (S + damping * tr(S)/d * I)^-1                   d x d, Cholesky in fp32 (or fp64)
+    P   = (S + damping * tr(S)/d * I)^-1                   d x d, Cholesky in fp32 (or fp64); an inverse used
+                                                             once is applied by solving with the factor
     G P = (G - (G z^T) (n mu I + z z^T)^-1 z) / mu           batch space (Woodbury), mu = damping tr(S)/d
 
 The batch-space form subtracts nearly equal terms, so in fp32 its error grows like kappa(S + mu I)^2;
@@ -61,23 +62,51 @@ def full_fp32_precision():
 
 # -- the d x d path ------------------------------------------------------------------------------
 
+def damped_cholesky(S: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Cholesky factors L of (S + damping*tr(S)/d*I) for a batch (B, d, d) of PSD matrices, in fp32 (or
+    fp64); None unless every factorization succeeded on a finite, nonzero S (the caller then takes
+    :func:`damped_inverse`, whose fallbacks handle each matrix)."""
+    S = S.to(torch.promote_types(S.dtype, torch.float32))
+    d = S.shape[-1]
+    scale = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d  # mean eigenvalue, (B,)
+    L, info = torch.linalg.cholesky_ex(S + (damping * scale)[:, None, None] * torch.eye(d, device=S.device, dtype=S.dtype))
+    # One batched check on the common path; any nan/inf entry makes the sum non-finite.
+    ok = bool(((info == 0) & torch.isfinite(scale) & (scale > 0)).all()) and bool(torch.isfinite(L.sum()))
+    return L if ok else None
+
+
 def damped_inverse(S: torch.Tensor, damping: float) -> torch.Tensor:
     """(S + damping*tr(S)/d*I)^-1 for a batch (B, d, d) of PSD matrices, by Cholesky in fp32 (or fp64).
 
     Never returns NaN or inf: a failed factorization retries with 10x more damping (three times),
     then falls back to (tr(S)/d)^-1 * I; a zero or non-finite S gives the identity.
     """
-    S = S.to(torch.promote_types(S.dtype, torch.float32))
-    d = S.shape[-1]
-    eye = torch.eye(d, device=S.device, dtype=S.dtype)
-    scale = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d  # mean eigenvalue, (B,)
-    L, info = torch.linalg.cholesky_ex(S + (damping * scale)[:, None, None] * eye)
-    # One batched check on the common path; the per-matrix fallbacks below are rare.
-    if bool(((info == 0) & torch.isfinite(scale) & (scale > 0)).all()):
+    L = damped_cholesky(S, damping)
+    if L is not None:
         P = torch.cholesky_inverse(L)
         if bool(torch.isfinite(P.sum())):  # any nan/inf entry makes the sum non-finite; 10x cheaper than isfinite().all()
             return P
+    S = S.to(torch.promote_types(S.dtype, torch.float32))
+    eye = torch.eye(S.shape[-1], device=S.device, dtype=S.dtype)
     return torch.stack([_robust_inverse(S_i, damping, eye) for S_i in S])
+
+
+def solve_with_factor(G: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """G (L L^T)^-1 by two triangular solves from the right: X L^T = G, then Y L = X.
+
+    Same math as G @ cholesky_inverse(L), with the backward error of a Cholesky solve (Higham 2002,
+    Thm 10.4: |dA| <= gamma_{3d+1} |L||L^T| per row of G), no larger than forming P and multiplying.
+    """
+    X = torch.linalg.solve_triangular(L.mT, G, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, X, upper=False, left=False)
+
+
+def factor_once_cheaper(device: torch.device) -> bool:
+    """Whether an inverse applied once costs less as two triangular solves with its Cholesky factor than as
+    P = cholesky_inverse(L) then G P. Measured on CPU (1 thread; residual-MLP layers d = 257..513, d_out =
+    256..512): forming P costs about one d x d x d GEMM, which the solves save (docs/cost.md). Not measured
+    on CUDA, where triangular solves run far below GEMM speed, so GPUs keep the explicit inverse."""
+    return device.type == "cpu"
 
 
 def _robust_inverse(S: torch.Tensor, damping: float, eye: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The statistics of one preconditioned block: rows of one step summed into z^T z, S, P.
+"""The statistics of one preconditioned block: rows of one step summed into z^T z, S, and its damped
+inverse, held as P or as P's Cholesky factor (:meth:`LayerStats.apply_inverse`).
 
 Rows arrive from forwards whose backward reached the layer (``commit``); micro-batches of a step
 add up (gradient accumulation). While the batch-space path may still be the cheaper one, rows are
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dopr.optim.layers import Block, is_dtensor
-from dopr.optim.solvers import batch_space_cheaper, gram
+from dopr.optim.solvers import batch_space_cheaper, gram, solve_with_factor
 
 
 @dataclass
@@ -44,7 +45,10 @@ class LayerStats:
         self.kept: list[torch.Tensor] = []
         self.awaiting: list[ForwardRecord] = []  # this step's forwards whose backward has not run yet
         self.S: torch.Tensor | None = None
+        # The damped inverse (S + mu I)^-1, held one of two ways (solvers.py says which is cheaper when):
+        # P itself, or its Cholesky factor L, for an inverse applied once and then replaced.
         self.P: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None
         # The weight gradient AP last saw (a weak reference) and its version counter then: a second
         # step() with no backward in between finds both unchanged and leaves the gradient alone.
         self.seen_grad: tuple[weakref.ref, int] | None = None
@@ -99,8 +103,27 @@ class LayerStats:
         S[-1, -1] = 1.0 if self.rows else 0.0
         return S
 
+    # -- the inverse ------------------------------------------------------------------------------
+    def has_inverse(self) -> bool:
+        return self.P is not None or self.factor is not None
+
+    def set_inverse(self, P: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> None:
+        """Hold the new inverse as P or as its Cholesky factor; the other representation is dropped."""
+        self.P, self.factor = P, factor
+
+    def inverse(self) -> torch.Tensor | None:
+        """P as a d x d matrix (formed from the factor when that is what the layer holds), or None."""
+        return torch.cholesky_inverse(self.factor) if self.P is None and self.factor is not None else self.P
+
+    def apply_inverse(self, G: torch.Tensor) -> torch.Tensor:
+        """G P, in at least the inverse's precision (fp32 or more; it may predate a change of the model's dtype)."""
+        held = self.P if self.P is not None else self.factor
+        dtype = torch.promote_types(G.dtype, held.dtype)
+        G, held = G.to(dtype), held.to(device=G.device, dtype=dtype)
+        return G @ held if self.P is not None else solve_with_factor(G, held)
+
     def reset(self) -> None:
-        """Drop this step's statistics (committed rows and sums); S and P stay."""
+        """Drop this step's statistics (committed rows and sums); S and the inverse stay."""
         self.kept = []
         if self.xtx is not None:
             self.xtx.zero_()

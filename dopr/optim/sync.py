@@ -82,7 +82,7 @@ def broadcast_inverses(due: list[LayerStats], world_size: int, rank: int) -> Non
     for layer in due:
         if owner(layer, world_size) != rank:
             dtype = torch.promote_types(layer.S.dtype, torch.float32)
-            layer.P = torch.empty(layer.dim, layer.dim, device=layer.S.device, dtype=dtype)
+            layer.set_inverse(P=torch.empty(layer.dim, layer.dim, device=layer.S.device, dtype=dtype))
         pending.append(dist.broadcast(layer.P, src=owner(layer, world_size), async_op=True))
     for handle in pending:
         handle.wait()

@@ -118,4 +118,4 @@ def test_no_warning_when_every_layer_is_seen():
         warnings.simplefilter("error")
         for _ in range(3):
             step(model, opt)
-    assert all(layer.P is not None for layer in opt.preconditioner.layers if layer.name != "extra")
+    assert all(layer.has_inverse() for layer in opt.preconditioner.layers if layer.name != "extra")

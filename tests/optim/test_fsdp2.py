@@ -72,7 +72,7 @@ def _worker(rank, port, x, out_grad, result_dir):
             opt.step()
             losses.append(loss.item())
         result["losses"] = losses
-        result["P"] = [layer.P for layer in opt.preconditioner.layers]
+        result["P"] = [layer.inverse() for layer in opt.preconditioner.layers]
         result["coverage"] = opt.coverage()
 
         # A column shard would split rows of G: refused at construction, naming the layer and the fix.

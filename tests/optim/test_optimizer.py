@@ -232,7 +232,7 @@ def _gloo_worker(rank, world, port, x, result_dir, overlap):
             opt.preconditioner.start_statistics_sync()
         loss.backward()
         opt.step()
-    torch.save({"P": [layer.P for layer in opt.preconditioner.layers], "params": list(model.parameters())},
+    torch.save({"P": [layer.inverse() for layer in opt.preconditioner.layers], "params": list(model.parameters())},
                os.path.join(result_dir, f"rank{rank}.pt"))
     end_distributed_process()  # a plain return can abort at exit under gloo
 

@@ -13,6 +13,10 @@ d x d path (fp32: S = z^T z / n from n rows, A = S + mu I, Cholesky, P = its inv
   min(|| |G||P| E |P| ||_F, ||M||_F ||E||_2 / lambda_min(A)) (componentwise, or normwise);
 - the product G P_hat (inner dimension d) adds g(d) || |G||P| ||_F (sec. 3.5), and rounding the
   result u ||M||_F.
+Where each inverse is applied once (statistics and inverse every step, on CPU), G P is two triangular
+solves with L instead: each row of M_hat solves a perturbed system exactly, (A + dA_row), |dA_row| <=
+g(3d + 1) |L||L^T| (Thm 10.4), which E already holds, and there is no product term, so the same
+bound covers that path.
 Batch-space path ((G - (G z^T)(n mu I + z z^T)^-1 z) / mu, in float64, rounded once): the n x n
 solve and products have backward error g64(n + d); the subtraction of nearly equal terms amplifies
 it by kappa(n mu I + z z^T) kappa(A) <= kappa^2, so the bound is u + 2 kappa^2 g64(n + d).

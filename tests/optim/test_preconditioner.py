@@ -191,6 +191,27 @@ def test_damped_inverse_fallbacks_are_finite():
     torch.testing.assert_close(P[3], torch.eye(3) / 4)  # exact inverse when well posed
 
 
+@pytest.mark.parametrize("options,held", [(dict(), "factor"), (dict(stat_decay=0.5), "factor"),
+                                          (dict(inverse_interval=2), "P"), (dict(stat_interval=2), "P")])
+def test_an_inverse_used_once_is_held_as_its_factor(options, held):
+    """With statistics and the inverse refreshed every step (on CPU) each inverse is applied once, by
+    solving with its Cholesky factor; one that is reused is formed as P. Either way the gradient is
+    G P of the layer's inverse: in float64 with damping 1e-2 (kappa(A) <= 101, d = 41) the two ways
+    differ by about kappa d u64 ~ 1e-12, far inside assert_close's float64 rtol of 1e-7."""
+    torch.manual_seed(8)
+    layer = nn.Linear(40, 6).double()
+    ap = ActivationPreconditioner(layer, APConfig(damping=1e-2, solver="primal", **options))
+    for step in range(3):
+        layer.zero_grad()
+        layer(torch.randn(60, 40, dtype=torch.float64)).pow(2).sum().backward()
+        G = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        ap.step()
+        stats = ap.layers[0]
+        assert (stats.factor is not None, stats.P is not None) == (held == "factor", held == "P")
+        expected = G @ stats.inverse()
+        torch.testing.assert_close(torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1), expected)
+
+
 def test_options_ema_interval_subsample_warmup_exclude():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
