@@ -9,7 +9,9 @@ error against float64 dense math on the same fp32 G is printed in units of kappa
 the bound a backward-stable solve meets, over inputs whose column scales spread from 1 down to
 1e-2 .. 1e-4 (damping 1e-3 of tr(S)/d). Timing: median ms of each candidate on the given shape.
 Candidates (n < d: the batch-space forms apply):
-  primal_fp32       d x d Cholesky inverse, then G @ P (the d x d path)
+  primal_fp32       d x d Cholesky inverse, then G @ P (the d x d path where P is reused)
+  primal_solve_fp32 d x d Cholesky, then two triangular solves of G against the factor (the d x d path where
+                    each inverse is used once: statistics and inverse every step, one process, CPU)
   woodbury_fp32     (G - (G Z^T)(n mu I + Z Z^T)^-1 Z) / mu, all fp32 (subtracts nearly equal terms)
   woodbury_nn64     the same with the n x n Gram and its solve in float64, the products with G in fp32
   woodbury_refine   woodbury_fp32 plus one step of iterative refinement in fp32
@@ -59,6 +61,14 @@ def primal_fp32(G, Z, Delta, mu):
     return G @ torch.cholesky_inverse(L)
 
 
+def primal_solve_fp32(G, Z, Delta, mu):
+    from dopr.optim.solvers import solve_with_factor
+
+    n, d = Z.shape
+    S = Z.T @ Z / n
+    return solve_with_factor(G, torch.linalg.cholesky(S + mu * torch.eye(d)))
+
+
 def _woodbury(G, Z, mu, gram_dtype=None):
     n = Z.shape[0]
     Zg = Z if gram_dtype is None else Z.to(gram_dtype)
@@ -93,7 +103,7 @@ def pushthrough_fp32(G, Z, Delta, mu):
     return W.T @ Z
 
 
-CANDIDATES = [primal_fp32, woodbury_fp32, woodbury_nn64, woodbury_refine, woodbury_fp64, pushthrough_fp32]
+CANDIDATES = [primal_fp32, primal_solve_fp32, woodbury_fp32, woodbury_nn64, woodbury_refine, woodbury_fp64, pushthrough_fp32]
 
 
 def machine() -> str:
