@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Regenerate the top README's results table from the studies' row files (readme_row.json, written by
-scripts/study.py), between the markers <!-- results-table:start --> and <!-- results-table:end -->,
-and every study table a README includes: a block
+scripts/study.py), between the markers <!-- results-table:start --> and <!-- results-table:end -->;
+results/faster_or_better.md, one row per pair of every decomposition.csv under results/ and experiments/
+(docs/STUDIES.md §3b's four effects side by side, dopr.analysis.decomposition.effects_table); and every
+study table a README includes: a block
 
     <!-- include: results/lds_anisotropy/cond1e6/headline.md -->
     ...
@@ -69,6 +71,24 @@ def table(rows_dir: Path, readme: Path) -> str:
     return markdown_table(pd.DataFrame(rows))
 
 
+EFFECTS_HEADER = (
+    "# Faster, or better? Every pair's four effects (docs/STUDIES.md §3b)\n\n"
+    "Written by `python scripts/results_table.py` from each study's `decomposition.csv` (its "
+    "`decomposition.md` has the per-seed detail and the pooled matched-loss comparison). \"converged?\": the "
+    "base's val/loss moved under 5% over its last quarter on every seed; every other row is budget-limited "
+    "and its effects hold within that budget only. Intervals are 95% over verdict seeds, DoPr − base.\n\n")
+
+
+def effects(dirs: list[Path], out: Path) -> str:
+    """results/faster_or_better.md's text: every decomposition.csv under ``dirs``, linked from ``out``'s folder."""
+    from dopr.analysis.decomposition import effects_table
+
+    found = sorted({path for d in dirs for path in d.rglob("decomposition.csv")})
+    studies = [(str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent),
+                os.path.relpath(path.parent, out.parent), pd.read_csv(path)) for path in found]
+    return EFFECTS_HEADER + effects_table(studies)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_script_args(sys.argv[1:] if argv is None else argv, ResultsTableArgs, __doc__)
     readme, rows_dir = Path(args.readme), Path(args.rows)
@@ -80,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     updates = {readme: fill_includes(f"{head}{START}\n{table(rows_dir, readme)}{END}{tail}", readme)}
     for other in sorted(Path(args.experiments).glob("*/README.md")):
         updates[other] = fill_includes(other.read_text(), other)
-    stale = [path for path, new in updates.items() if new != path.read_text()]
+    summary = rows_dir / "faster_or_better.md"
+    updates[summary] = effects([rows_dir, Path(args.experiments)], summary)
+    stale = [path for path, new in updates.items() if not path.exists() or new != path.read_text()]
     if args.check:
         for path in stale:
             print(f"{path}: a generated table is out of date; run python scripts/results_table.py")

@@ -295,3 +295,21 @@ def test_peers_are_compared_with_each_reference_and_left_out_of_the_gp_pair_tabl
     assert "soap" not in (out / "observations.md").read_text() and "muon" not in (out / "observations.md").read_text()
     runs = pd.read_csv(out / "runs.csv")
     assert {"soap", "muon"} <= set(runs["opt.name"]) and {"soap", "muon"} <= set(pd.read_csv(out / "choice.csv")["opt.name"])
+
+
+def test_effects_table_puts_each_pairs_four_effects_in_one_row():
+    """One decomposition.csv row (as decomposition_rows writes it) becomes one row of the cross-study table."""
+    row = {"task": "t", "gp": "adamw", "base": "adamw", "dopr": "dopr_adamw", "base setting": "lr=0.001",
+           "dopr setting": "lr=0.01", "metric": "test/return", "seeds": 8, "speed_dopr_reached": 1,
+           "speed_base_reached": 7, "matched_val_n": 8, "matched_val_diff": 0.0715, "matched_val_low": -0.0313,
+           "matched_val_high": 0.174, "matched_val_verdict": "inconclusive", "convergence": "converged",
+           "equal_compute_n": 0, "equal_compute_status": "DoPr's step is not costlier: the fixed-budget verdict is "
+           "the equal-compute one", "final_n": 8, "final_diff": -0.132, "final_low": -0.315, "final_high": 0.051,
+           "final_verdict": "inconclusive", "paper_claim": "not shown"}
+    text = dc.effects_table([("s", "../s", pd.DataFrame([row]))])
+    cells = text.splitlines()[2].split(" | ")
+    assert cells[0] == "| [s](../s)" and cells[3] == "converged"
+    assert cells[4] == "DoPr to base's best on 1/8, base to DoPr's best on 7/8"
+    assert cells[5] == "+0.0715 [-0.0313, +0.174] (inconclusive, n=8)"
+    assert cells[6].startswith("-0.132 [-0.315, +0.051] (inconclusive, n=8), as at the last evaluation")
+    assert cells[8] == "**not shown** |"

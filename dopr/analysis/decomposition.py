@@ -647,3 +647,44 @@ def decomposition_table(parts: list[dict]) -> str:
                    "reference in the base's: every column then asks the same of the peer.\n")
     return "\n".join([header, markdown_table(pd.DataFrame(rows)), "Per seed:\n",
                       markdown_table(pd.DataFrame(seeds))])
+
+
+# ---------------------------------------------------------------- across studies
+
+def _csv_interval(row: pd.Series, prefix: str) -> str:
+    """"+d [low, high] (verdict)" from a decomposition.csv row's ``<prefix>_diff/_low/_high/_verdict/_n``."""
+    n = row.get(f"{prefix}_n")
+    if n is None or not (isinstance(n, (int, float, np.integer, np.floating)) and n > 0):
+        return "no seed"
+    diff, low, high = (row[f"{prefix}_{k}"] for k in ("diff", "low", "high"))
+    scale = "log ratio " if is_log_scale(str(row["metric"])) else ""
+    bounds = f" [{low:+.3g}, {high:+.3g}]" if n >= 2 and math.isfinite(low) and math.isfinite(high) else ""
+    return f"{scale}{diff:+.3g}{bounds} ({row[f'{prefix}_verdict']}, n={int(n)})"
+
+
+def effects_table(studies: list[tuple[str, str, pd.DataFrame]]) -> str:
+    """One row per DoPr/base (or peer/reference) pair of every study: §3b's four effects side by side, from
+    each study's decomposition.csv. ``studies``: (name, link to its directory, its decomposition.csv frame)."""
+    rows = []
+    for name, link, frame in studies:
+        for _, r in frame.iterrows():
+            seeds = int(r["seeds"])
+            faster = (f"DoPr to base's best on {int(r['speed_dopr_reached'])}/{seeds}, "
+                      f"base to DoPr's best on {int(r['speed_base_reached'])}/{seeds}")
+            compute = _csv_interval(r, "equal_compute")
+            status = r.get("equal_compute_status")
+            if compute == "no seed" and isinstance(status, str) and "not costlier" in status:
+                compute = f"{_csv_interval(r, 'final')}, as at the last evaluation (DoPr's step no costlier)"
+            elif compute == "no seed" and isinstance(status, str):
+                compute = status.split(";")[0]
+            rows.append({
+                "study": f"[{name}]({link})",
+                "pair": f"{r['dopr']} ({r['dopr setting']}) vs {r['base']} ({r['base setting']})",
+                "metric": f"`{r['metric']}`",
+                "converged?": r["convergence"],
+                "faster: reached the other's best val/loss": faster,
+                "better at matched val/loss": _csv_interval(r, "matched_val"),
+                "better at equal compute": compute,
+                "at the last evaluation": _csv_interval(r, "final"),
+                "the paper's claim": f"**{r['paper_claim']}**"})
+    return markdown_table(pd.DataFrame(rows)) if rows else "no study has a decomposition.csv\n"
