@@ -39,7 +39,9 @@ when either is worse, "not shown" when neither interval excludes 0, and "untesta
 ranges overlap; "budget-limited: " comes first where part 3 did not find the base converged.
 
 ``decomposition_table`` writes one markdown row per pair and ``decompose`` runs the four over a study's
-verdict pairs (the base and DoPr at their chosen settings, as ``report.headline_comparison`` pairs them).
+verdict pairs (the base and DoPr at their chosen settings, as ``report.headline_comparison`` pairs them);
+``effects_table`` puts every study's pairs in one table from their decomposition.csv files
+(results/faster_or_better.md, by scripts/results_table.py).
 Wall-clock numbers are only comparable between runs made on the same machine and thread count.
 """
 
