@@ -14,9 +14,10 @@ Why ARS: it needs only env steps (no backprop, no GPU), a linear policy fits in 
 Mania et al. (2018) report expert-level Hopper/HalfCheetah/Walker2d returns with it. The
 per-env defaults below are that paper's V2-t hyperparameters.
 
-The script keeps the best policy by periodic evaluation, then measures the final return over
-`eval_episodes` episodes with fixed seeds (10_000 + i) and records it in experts/returns.json
-together with the command, seed, env steps, wall time and machine.
+The script keeps the best policy by periodic 3-episode evaluations (reset seeds 20_000 + i), then
+measures the final return over `eval_episodes` episodes with other fixed seeds (eval_seed_base + i,
+default 10_000 + i), so that the policy picked on some episodes is not measured on the same ones,
+and records it in experts/returns.json together with the command, seed, env steps, wall time and machine.
 """
 
 import json
@@ -49,6 +50,10 @@ ARS_DEFAULTS = {
     "Humanoid-v5": dict(directions=230, top=230, step_size=0.02, noise=0.0075, alive_bonus=5.0),
 }
 EVAL_SEED_BASE = 10_000
+# The periodic evaluations that pick the best policy reset with these seeds, disjoint from the final
+# measurement's: a policy picked on lucky episodes would otherwise be measured on them again.
+SELECTION_SEED_BASE = 20_000
+SELECTION_EPISODES = 3
 HYPERPARAMETERS = ("directions", "top", "step_size", "noise", "alive_bonus")
 
 
@@ -65,6 +70,7 @@ class TrainExpertArgs:
     workers: int = 1
     resume: bool = False
     evaluate_only: str | None = None  # a checkpoint to re-measure instead of training
+    eval_seed_base: int = EVAL_SEED_BASE  # the final measurement resets with seeds eval_seed_base + i
     machine: str | None = None  # how the run's machine is described in its record
     # ARS hyperparameters; None: the env's row of ARS_DEFAULTS
     directions: int | None = None
@@ -150,16 +156,16 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def evaluate(env, weight, mean, std, low, high, episodes, max_steps, per_episode=False):
-    """Mean and std of the true return over episodes reset with seeds EVAL_SEED_BASE + i."""
-    returns = [rollout(env, weight, mean, std, low, high, EVAL_SEED_BASE + i, max_steps)[1]
+def evaluate(env, weight, mean, std, low, high, episodes, max_steps, per_episode=False, seed_base=EVAL_SEED_BASE):
+    """Mean and std of the true return over episodes reset with seeds seed_base + i."""
+    returns = [rollout(env, weight, mean, std, low, high, seed_base + i, max_steps)[1]
                for i in range(episodes)]
     summary = (float(np.mean(returns)), float(np.std(returns)))
     return summary + ([float(r) for r in returns],) if per_episode else summary
 
 
-def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str]) -> None:
-    """Re-measure a saved expert's return (seeds 10_000 + i) and record it in the checkpoint and returns.json."""
+def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str], seed_base: int = EVAL_SEED_BASE) -> None:
+    """Re-measure a saved expert's return (seeds seed_base + i) and record it in the checkpoint and returns.json."""
     from dopr.envs.linear_expert import load_expert
 
     policy = load_expert(checkpoint)
@@ -170,11 +176,11 @@ def remeasure(env_id: str, checkpoint: Path, episodes: int, argv: list[str]) -> 
     env = env.unwrapped
     mean, std, episode_returns = evaluate(env, policy.weight, policy.obs_mean, policy.obs_std,
                                           policy.action_low, policy.action_high, episodes, max_steps,
-                                          per_episode=True)
+                                          per_episode=True, seed_base=seed_base)
     print(f"{env_id}: {checkpoint} return {mean:.1f} +- {std:.1f} over {episodes} episodes "
-          f"(seeds {EVAL_SEED_BASE}..{EVAL_SEED_BASE + episodes - 1})")
+          f"(seeds {seed_base}..{seed_base + episodes - 1})")
     policy.meta.update(return_mean=mean, return_std=std, episode_returns=episode_returns, eval_episodes=episodes,
-                       eval_seeds=[EVAL_SEED_BASE, EVAL_SEED_BASE + episodes - 1],
+                       eval_seeds=[seed_base, seed_base + episodes - 1],
                        measure_command="python scripts/train_expert.py " + " ".join(argv))
     policy.save(checkpoint)
     returns_path = checkpoint.parent / "returns.json"
@@ -187,7 +193,7 @@ def main(argv: list[str]) -> None:
     args = parse_script_args(argv, TrainExpertArgs, __doc__)
     env_id = args.env
     if args.evaluate_only is not None:
-        remeasure(env_id, Path(args.evaluate_only), args.eval_episodes, argv)
+        remeasure(env_id, Path(args.evaluate_only), args.eval_episodes, argv, args.eval_seed_base)
         return
     hp = dict(ARS_DEFAULTS.get(env_id, dict(directions=16, top=8, step_size=0.02, noise=0.03, alive_bonus=0.0)))
     hp.update({key: getattr(args, key) for key in HYPERPARAMETERS if getattr(args, key) is not None})
@@ -224,6 +230,14 @@ def main(argv: list[str]) -> None:
         best = (float(state["best_return"]), state["best_weight"], state["best_mean"], state["best_std"])
         history = state["history"]
         print(f"resumed {state_path}: iteration {iteration}, {env_steps} env steps, best {best[0]:.1f}", flush=True)
+        if int(state.get("selection_seed_base", EVAL_SEED_BASE)) != SELECTION_SEED_BASE and np.isfinite(best[0]):
+            # Picked on the final measurement's first seeds (states written before the two were disjoint):
+            # score it again on the selection seeds, so that later candidates are compared on the same episodes.
+            rescored = evaluate(env, best[1], best[2], best[3], low, high, SELECTION_EPISODES,
+                                max_steps, seed_base=SELECTION_SEED_BASE)[0]
+            print(f"best policy re-scored on the selection seeds {SELECTION_SEED_BASE}..: {best[0]:.1f} -> "
+                  f"{rescored:.1f}", flush=True)
+            best = (rescored,) + best[1:]
     workers = args.workers
     if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (env_id,))
@@ -262,7 +276,8 @@ def main(argv: list[str]) -> None:
         mean, std = stats.mean_std()
         minutes = minutes_before + (time.time() - start) / 60
         if iteration % eval_every == 0:
-            avg, sd = evaluate(env, weight, mean, std, low, high, 3, max_steps)
+            avg, sd = evaluate(env, weight, mean, std, low, high, SELECTION_EPISODES, max_steps,
+                               seed_base=SELECTION_SEED_BASE)
             history.append(dict(iteration=iteration, env_steps=env_steps, eval_return=avg, minutes=minutes))
             print(f"iter {iteration} env_steps {env_steps} eval_return {avg:.1f} +- {sd:.1f} "
                   f"({minutes:.1f} min)", flush=True)
@@ -271,7 +286,7 @@ def main(argv: list[str]) -> None:
         save_state(state_path, rng=rng.bit_generator.state, hp=hp, seed=seed, weight=weight, obs_sum=stats.sum,
                    obs_sumsq=stats.sumsq, obs_count=stats.count, env_steps=env_steps, iteration=iteration,
                    minutes=minutes, best_return=best[0], best_weight=best[1], best_mean=best[2],
-                   best_std=best[3], history=history)
+                   best_std=best[3], history=history, selection_seed_base=SELECTION_SEED_BASE)
     if pool is not None:
         pool.close()
     minutes = minutes_before + (time.time() - start) / 60
@@ -280,10 +295,11 @@ def main(argv: list[str]) -> None:
     _, weight, mean, std = best
     # Checkpoints store float32; measure the return of exactly what is saved.
     weight, mean, std = (np.asarray(a, np.float32).astype(np.float64) for a in (weight, mean, std))
+    seed_base = args.eval_seed_base
     final_mean, final_std, episode_returns = evaluate(env, weight, mean, std, low, high, eval_episodes,
-                                                      max_steps, per_episode=True)
+                                                      max_steps, per_episode=True, seed_base=seed_base)
     print(f"final: {env_id} return {final_mean:.1f} +- {final_std:.1f} over {eval_episodes} episodes "
-          f"(seeds {EVAL_SEED_BASE}..{EVAL_SEED_BASE + eval_episodes - 1}), {env_steps} env steps, "
+          f"(seeds {seed_base}..{seed_base + eval_episodes - 1}), {env_steps} env steps, "
           f"{minutes:.1f} min", flush=True)
 
     command = "python scripts/train_expert.py " + " ".join(argv)
@@ -291,7 +307,8 @@ def main(argv: list[str]) -> None:
                 env_steps=env_steps, iterations=iteration, train_minutes=round(minutes, 2),
                 return_mean=final_mean, return_std=final_std, episode_returns=episode_returns,
                 eval_episodes=eval_episodes,
-                eval_seeds=[EVAL_SEED_BASE, EVAL_SEED_BASE + eval_episodes - 1], command=command,
+                eval_seeds=[seed_base, seed_base + eval_episodes - 1], selection_seeds=[
+                    SELECTION_SEED_BASE, SELECTION_SEED_BASE + SELECTION_EPISODES - 1], command=command,
                 machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU" if args.machine is None
                 else args.machine,
                 gymnasium=gym.__version__, history=history)

@@ -265,3 +265,22 @@ def test_expert_training_in_workers_and_resumed_matches_one_serial_run(tmp_path)
     assert iterations > 2 and np.abs(serial).sum() > 0
     assert np.array_equal(serial, parallel)  # episode seeds come from the main process
     assert resumed_iterations == iterations and np.array_equal(serial, resumed)
+
+
+def test_expert_selection_and_final_measurement_use_disjoint_episode_seeds(tmp_path):
+    """The best policy is picked on episodes reset with seeds 20_000 + i and measured on eval_seed_base + i; a
+    state written before the two were disjoint has its best re-scored on the selection seeds when resumed."""
+    out = tmp_path / "e.npz"
+    _train_expert(out, "max_env_steps=1200", "eval_seed_base=30000")
+    record = json.loads((out.parent / "returns.json").read_text())["Hopper-v5"]
+    assert record["selection_seeds"] == [20000, 20002] and record["eval_seeds"] == [30000, 30000]
+    state_path = out.with_name(out.name + ".state.npz")
+    with np.load(state_path) as data:
+        state = {k: data[k] for k in data.files if k != "selection_seed_base"}
+    state["best_return"] = np.array(1e9)  # as if picked on the measurement's seeds: re-scored, not kept
+    np.savez(state_path, **state)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_expert.py"), "env=Hopper-v5", "directions=2",
+                             "top=1", "eval_every=2", "eval_episodes=1", f"out={out}", "max_env_steps=1500",
+                             f"returns_json={out.parent / 'returns.json'}", "resume=true"],
+                            check=True, cwd=REPO, capture_output=True, text=True)
+    assert "re-scored on the selection seeds 20000..: 1000000000.0 ->" in result.stdout
