@@ -66,10 +66,13 @@ def damped_cholesky(S: torch.Tensor, damping: float) -> torch.Tensor | None:
     """Cholesky factors L of (S + damping*tr(S)/d*I) for a batch (B, d, d) of PSD matrices, in fp32 (or
     fp64); None unless every factorization succeeded on a finite, nonzero S (the caller then takes
     :func:`damped_inverse`, whose fallbacks handle each matrix)."""
-    S = S.to(torch.promote_types(S.dtype, torch.float32))
-    d = S.shape[-1]
-    scale = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d  # mean eigenvalue, (B,)
-    L, info = torch.linalg.cholesky_ex(S + (damping * scale)[:, None, None] * torch.eye(d, device=S.device, dtype=S.dtype))
+    damped = S.to(torch.promote_types(S.dtype, torch.float32), copy=True)
+    diagonal = torch.diagonal(damped, dim1=-2, dim2=-1)
+    scale = diagonal.sum(-1) / S.shape[-1]  # mean eigenvalue, (B,)
+    # The damping goes onto the diagonal of one copy: the same sums as S + mu*I without its (B, d, d)
+    # temporaries, which took a tenth of factor-and-solve time at d = 1025 (1 thread).
+    diagonal.add_((damping * scale)[:, None])
+    L, info = torch.linalg.cholesky_ex(damped)
     # One batched check on the common path; any nan/inf entry makes the sum non-finite.
     ok = bool(((info == 0) & torch.isfinite(scale) & (scale > 0)).all()) and bool(torch.isfinite(L.sum()))
     return L if ok else None

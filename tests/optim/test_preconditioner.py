@@ -191,6 +191,21 @@ def test_damped_inverse_fallbacks_are_finite():
     torch.testing.assert_close(P[3], torch.eye(3) / 4)  # exact inverse when well posed
 
 
+def test_damped_cholesky_factors_the_damped_statistics_and_leaves_them_alone():
+    """L L^T = S + damping tr(S)/d I per matrix of the batch, in float64 (the residual is ~d u64 |S|, far
+    inside assert_close's float64 rtol of 1e-7), and the caller's S is unchanged: the damping goes onto a
+    copy, or S's moving average would accumulate it."""
+    from dopr.optim.solvers import damped_cholesky
+
+    z = torch.randn(2, 50, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    S = z.mT @ z / 50
+    before = S.clone()
+    L = damped_cholesky(S, damping=0.1)
+    mu = 0.1 * torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / 7
+    torch.testing.assert_close(L @ L.mT, S + mu[:, None, None] * torch.eye(7, dtype=torch.float64))
+    assert torch.equal(S, before)
+
+
 @pytest.mark.parametrize("options,held", [(dict(), "factor"), (dict(stat_decay=0.5), "factor"),
                                           (dict(inverse_interval=2), "P"), (dict(stat_interval=2), "P")])
 def test_an_inverse_used_once_is_held_as_its_factor(options, held):
