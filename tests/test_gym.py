@@ -268,19 +268,27 @@ def test_expert_training_in_workers_and_resumed_matches_one_serial_run(tmp_path)
 
 
 def test_expert_selection_and_final_measurement_use_disjoint_episode_seeds(tmp_path):
-    """The best policy is picked on episodes reset with seeds 20_000 + i and measured on eval_seed_base + i; a
-    state written before the two were disjoint has its best re-scored on the selection seeds when resumed."""
+    """The best policy is picked on selection_episodes episodes reset with seeds 20_000 + i and measured on
+    eval_seed_base + i. A state whose best was picked on other episodes (the measurement's seeds, before the
+    two were disjoint, or fewer of them) has it re-scored on this call's selection episodes when resumed."""
     out = tmp_path / "e.npz"
-    _train_expert(out, "max_env_steps=1200", "eval_seed_base=30000")
+    _train_expert(out, "max_env_steps=1200", "eval_seed_base=30000", "selection_episodes=2")
     record = json.loads((out.parent / "returns.json").read_text())["Hopper-v5"]
-    assert record["selection_seeds"] == [20000, 20002] and record["eval_seeds"] == [30000, 30000]
+    assert record["selection_seeds"] == [20000, 20001] and record["eval_seeds"] == [30000, 30000]
     state_path = out.with_name(out.name + ".state.npz")
+
+    def resume(*extra):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "train_expert.py"), "env=Hopper-v5",
+                               "directions=2", "top=1", "eval_every=2", "eval_episodes=1", f"out={out}",
+                               "max_env_steps=1500", f"returns_json={out.parent / 'returns.json'}", "resume=true",
+                               *extra], check=True, cwd=REPO, capture_output=True, text=True).stdout
+
+    assert "re-scored" not in resume("selection_episodes=2")  # same episodes: the best's score stands
     with np.load(state_path) as data:
-        state = {k: data[k] for k in data.files if k != "selection_seed_base"}
+        state = {k: data[k] for k in data.files if k not in ("selection_seed_base", "selection_episodes")}
     state["best_return"] = np.array(1e9)  # as if picked on the measurement's seeds: re-scored, not kept
     np.savez(state_path, **state)
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_expert.py"), "env=Hopper-v5", "directions=2",
-                             "top=1", "eval_every=2", "eval_episodes=1", f"out={out}", "max_env_steps=1500",
-                             f"returns_json={out.parent / 'returns.json'}", "resume=true"],
-                            check=True, cwd=REPO, capture_output=True, text=True)
-    assert "re-scored on the selection seeds 20000..: 1000000000.0 ->" in result.stdout
+    assert "re-scored on the selection seeds 20000..20002: 1000000000.0 ->" in resume("selection_episodes=3")
+    with np.load(state_path) as data:
+        assert int(data["selection_episodes"]) == 3 and float(data["best_return"]) < 1e9
+    assert "re-scored on the selection seeds 20000..20003:" in resume("selection_episodes=4")
