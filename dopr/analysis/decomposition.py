@@ -54,7 +54,8 @@ import numpy as np
 import pandas as pd
 
 from dopr.analysis.markdown import markdown_table
-from dopr.analysis.stats import Interval, PairedResult, _percentile_interval, is_log_scale, paired_difference
+from dopr.analysis.report import at_choice, comparison_pool, setting_label
+from dopr.analysis.stats import Interval, PairedResult, percentile_interval, is_log_scale, paired_difference
 
 LOSS = "val/loss"
 # §3b: "at least 8 evaluation points per run, so that these curves exist"; fewer is said in every table.
@@ -324,7 +325,7 @@ def pooled_matched_loss(dopr_runs: dict, base_runs: dict, metric: str, loss: str
     rng = np.random.default_rng(seed)
     pick_d, pick_b = rng.integers(0, dn, size=(resamples, dn)), rng.integers(0, bn, size=(resamples, bn))
     boot, _ = statistic(ds[pick_d], dc[pick_d], bs[pick_b], bc[pick_b])
-    lo, hi = _percentile_interval(boot[np.isfinite(boot)])
+    lo, hi = percentile_interval(boot[np.isfinite(boot)])
     return Pooled(float(diff), lo, hi, (dn, bn), int(shared), (float(np.exp(low)), float(np.exp(high))),
                   (d_out, b_out), totals)
 
@@ -419,17 +420,15 @@ def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[s
     """The verdict-stage pairs ``report.headline_comparison`` compares: per task and GP, the base and DoPr runs
     at their chosen settings; then each (peer, reference) of ``comparisons``, the peer in DoPr's place (its
     ``gp`` reads "peer vs reference"). Empty when the study has no verdict stage."""
-    from dopr.analysis import report
-
     if not (runs["stage"] == "verdict").any():
         return []
-    stage, pool, keys, chosen = report._comparison_pool(runs, choice, setting_keys)
+    stage, pool, keys, chosen = comparison_pool(runs, choice, setting_keys)
 
     def pair(task: str, gp: str, group: pd.DataFrame, base_name: str, dopr_name: str) -> Pair:
-        base, dopr = (report._at_choice(group, name, chosen.get((task, name)), keys, stage)
+        base, dopr = (at_choice(group, name, chosen.get((task, name)), keys, stage)
                       for name in (base_name, dopr_name))
-        return Pair(task, gp, base_name, dopr_name, report._setting_label(base.iloc[0], keys),
-                    report._setting_label(dopr.iloc[0], keys), dict(zip(base["seed"], base["run"])),
+        return Pair(task, gp, base_name, dopr_name, setting_label(base.iloc[0], keys),
+                    setting_label(dopr.iloc[0], keys), dict(zip(base["seed"], base["run"])),
                     dict(zip(dopr["seed"], dopr["run"])))
 
     peers = {peer for peer, _ in comparisons}

@@ -29,7 +29,7 @@ def _side(runs: pd.DataFrame, column: str, label: str) -> dict:
     return dict(zip(runs["seed"], runs[column]))
 
 
-def _setting_label(row: pd.Series | dict, keys: list[str]) -> str:
+def setting_label(row: pd.Series | dict, keys: list[str]) -> str:
     parts = [f"{k.removeprefix('opt.')}={row[k]:g}" if isinstance(row[k], float) else f"{k.removeprefix('opt.')}={row[k]}"
              for k in keys if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))]
     return ", ".join(parts) or "default"
@@ -79,7 +79,7 @@ def choose_settings(runs: pd.DataFrame, metric: str, better: bool, setting_keys:
         rows.append({"task": task, "opt.name": opt, **{k: by_test[k] for k in keys},
                      f"best/{metric}": by_test["test"], "seeds": int(by_test["seeds"]),
                      "settings tried": len(cells), "at edge of grid": _at_edge(cells, keys, by_test),
-                     "by val/loss": _setting_label(by_val, keys), f"best/{metric} there": by_val["test"]})
+                     "by val/loss": setting_label(by_val, keys), f"best/{metric} there": by_val["test"]})
     return pd.DataFrame(rows)
 
 
@@ -93,7 +93,7 @@ def _at_edge(cells: pd.DataFrame, keys: list[str], chosen: pd.Series) -> str:
     return ", ".join(edges) or "no"
 
 
-def _at_choice(group: pd.DataFrame, name: str, pick_row, keys: list[str], stage: str) -> pd.DataFrame:
+def at_choice(group: pd.DataFrame, name: str, pick_row, keys: list[str], stage: str) -> pd.DataFrame:
     """``name``'s runs in ``group`` at the setting chosen for it on the tuning seeds (all of them when
     nothing was chosen); runs at another setting only are an error, not a silent empty side."""
     side = group[group["opt.name"] == name]
@@ -105,11 +105,11 @@ def _at_choice(group: pd.DataFrame, name: str, pick_row, keys: list[str], stage:
     if side.empty:
         ran = group.loc[group["opt.name"] == name, keys].drop_duplicates().to_dict("records")
         raise SystemExit(f"{stage} runs of {name} are not at the setting chosen on the tuning seeds "
-                         f"({_setting_label(pick_row, keys)}); they ran {ran}")
+                         f"({setting_label(pick_row, keys)}); they ran {ran}")
     return side
 
 
-def _comparison_pool(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str]):
+def comparison_pool(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str]):
     """What every comparison at the chosen settings reads: the stage (verdict when it ran, else tune),
     that stage's runs, the setting keys recorded, and each (task, optimizer)'s chosen row."""
     stage = "verdict" if (runs["stage"] == "verdict").any() else "tune"
@@ -121,19 +121,19 @@ def headline_comparison(runs: pd.DataFrame, metric: str, better: bool, choice: p
                         setting_keys: list[str], pick: str = "best") -> pd.DataFrame:
     """Each GP against DoPr with it, both at their chosen settings, paired by seed: on the verdict seeds
     when there are any, else on the tuning seeds (then flagged: the choice flatters both arms)."""
-    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
+    stage, pool, keys, chosen = comparison_pool(runs, choice, setting_keys)
     rows = []
     for (task, gp), group in pool.groupby(["task", "gp"], sort=True, dropna=False):
         names = {bool(a): n for a, n in group.groupby("ap")["opt.name"].first().items()}
         if set(names) != {False, True}:
             continue
-        sides = {ap: _at_choice(group, name, chosen.get((task, name)), keys, stage) for ap, name in names.items()}
+        sides = {ap: at_choice(group, name, chosen.get((task, name)), keys, stage) for ap, name in names.items()}
         column = f"{pick}/{metric}"
         result = paired_difference(_side(sides[True], column, f"{names[True]} at its chosen setting"),
                                    _side(sides[False], column, f"{names[False]} at its chosen setting"), metric, better)
         rows.append({"task": task, "gp": gp, "stage": stage, "pick": pick,
-                     "base setting": _setting_label(sides[False].iloc[0], keys) if len(sides[False]) else "",
-                     "dopr setting": _setting_label(sides[True].iloc[0], keys) if len(sides[True]) else "",
+                     "base setting": setting_label(sides[False].iloc[0], keys) if len(sides[False]) else "",
+                     "dopr setting": setting_label(sides[True].iloc[0], keys) if len(sides[True]) else "",
                      **result.as_row()})
     return pd.DataFrame(rows)
 
@@ -163,12 +163,12 @@ def paper_observations(runs: pd.DataFrame, metric: str, better: bool, choice: pd
        its metric verdict; "opposite" when both are decisive and disagree, "same" when both are decisive
        and agree. Held when some GP is opposite, reversed when every GP is same, else inconclusive.
     """
-    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
+    stage, pool, keys, chosen = comparison_pool(runs, choice, setting_keys)
     rows = []
     for task, group in pool.groupby("task", sort=True):
         bases = sorted(group.loc[~group["ap"].astype(bool), "opt.name"].unique())
         if len(bases) >= 2:
-            sides = {b: _side(_at_choice(group, b, chosen.get((task, b)), keys, stage), f"best/{metric}", b) for b in bases}
+            sides = {b: _side(at_choice(group, b, chosen.get((task, b)), keys, stage), f"best/{metric}", b) for b in bases}
             means = {b: mean_interval(list(v.values())).mean for b, v in sides.items()}
             best = (max if better else min)(means, key=lambda b: means[b])
             margin = similar_margin if is_log_scale(metric) else similar_margin * abs(means[best])
@@ -217,11 +217,11 @@ def arms_spearman(runs: pd.DataFrame, metric: str, choice: pd.DataFrame, setting
     seeds (the tuning seeds, when there are none), with a bootstrap over seeds. Does the arm that fits the
     data better deploy better, across optimizers? (Within one GP and its DoPr, ``headline_comparison``
     answers it.) ``arms`` lists each arm's two means, in the predictor's order."""
-    stage, pool, keys, chosen = _comparison_pool(runs, choice, setting_keys)
+    stage, pool, keys, chosen = comparison_pool(runs, choice, setting_keys)
     rows = []
     for task, group in pool.groupby("task", sort=True):
         arms = sorted(group["opt.name"].unique())
-        sides = {a: _at_choice(group, a, chosen.get((task, a)), keys, stage).set_index("seed") for a in arms}
+        sides = {a: at_choice(group, a, chosen.get((task, a)), keys, stage).set_index("seed") for a in arms}
         seeds = sorted(set().union(*(side.index for side in sides.values())))
 
         def by_seed(column: str) -> np.ndarray:  # arms x seeds, NaN where an arm lacks a seed

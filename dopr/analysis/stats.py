@@ -192,7 +192,7 @@ class SpearmanResult:
     resamples_used: int  # resamples with a defined rho (one that repeats a single point has none)
 
 
-def _percentile_interval(boot: np.ndarray) -> tuple[float, float]:
+def percentile_interval(boot: np.ndarray) -> tuple[float, float]:
     """The 95% percentile interval of bootstrap values (NaN, NaN when there are none)."""
     if not len(boot):
         return math.nan, math.nan
@@ -219,7 +219,7 @@ def bootstrap_spearman(x, y, resamples: int = 2000, seed: int = 0) -> SpearmanRe
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         boot = np.array([stats.spearmanr(x[i], y[i]).statistic for i in picks], dtype=float)
     boot = boot[~np.isnan(boot)]
-    low, high = _percentile_interval(boot)
+    low, high = percentile_interval(boot)
     return SpearmanResult(rho, float(low), float(high), n, float(full.pvalue), len(boot))
 
 
@@ -244,5 +244,5 @@ def spearman_of_arm_means(x, y, resamples: int = 2000, seed: int = 0) -> Spearma
         boot = np.array([stats.spearmanr(np.nanmean(x[:, i], axis=1), np.nanmean(y[:, i], axis=1),
                                          nan_policy="omit").statistic for i in picks], dtype=float)
     boot = boot[~np.isnan(boot)]
-    low, high = _percentile_interval(boot)
+    low, high = percentile_interval(boot)
     return SpearmanResult(float(full.statistic), float(low), float(high), n, float(full.pvalue), len(boot))
