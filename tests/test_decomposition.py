@@ -187,6 +187,43 @@ def test_decompose_pairs_the_verdict_runs_and_the_table_says_how_many_evaluation
     assert dc.decompose(evals, runs.assign(stage="tune"), choice, keys, METRIC, True) == []  # no verdict: nothing
 
 
+def test_wall_clocks_of_runs_on_different_machines_are_not_compared():
+    """A sweep spanning sessions can put a seed's two runs on different CPUs (AVX2 and AVX-512 kernels here):
+    that seed keeps its steps but gets no seconds to the other's best and no equal-compute value, and the
+    status says so; a run whose records do not name a machine is not taken as different."""
+    import json
+
+    from dopr.analysis import report
+
+    evals, runs = _study_frames(8)
+    machine = {"cpu": "AMD EPYC", "cores": 2, "aten_cpu_capability": "AVX2", "platform": "x", "python": "3.11"}
+    evals["machine"], evals["threads"] = json.dumps(machine), 1
+    moved = evals["run"] == "verdict/opt=dopr_adamw,seed=11"
+    evals.loc[moved, "machine"] = json.dumps(machine | {"aten_cpu_capability": "AVX512"})
+    hosts = dc.run_hosts(evals)
+    assert hosts["verdict/opt=adamw,seed=11"] != hosts["verdict/opt=dopr_adamw,seed=11"]
+    assert hosts["verdict/opt=adamw,seed=10"] == hosts["verdict/opt=dopr_adamw,seed=10"]
+
+    keys = ["opt.lr", "opt.ap.damping"]
+    choice = report.choose_settings(runs, METRIC, True, keys)
+    # DoPr's steps cost twice the base's, so equal compute compares at DoPr's wall-clock.
+    evals.loc[evals["run"].str.contains("dopr"), "wall_time"] *= 2
+    part = dc.decompose(evals, runs, choice, keys, METRIC, True)[0]
+    by_seed = {r["seed"]: r for r in part["speed"]["seeds"]}
+    assert by_seed[10]["dopr_to_base_best_s"] is not None and by_seed[11]["dopr_to_base_best_s"] is None
+    assert by_seed[11]["dopr_to_base_best_step"] == by_seed[10]["dopr_to_base_best_step"]  # steps still compare
+    ec = part["equal_compute"]
+    assert [r["seed"] for r in ec["seeds"]] == [10] and ec["other_host"] == 1
+    assert "1/2 seeds left out: their two runs ran on different machines" in ec["status"]
+
+    evals.loc[moved, "machine"] = float("nan")  # not recorded: no evidence the machines differ
+    assert dc.other_hosts({11: "verdict/opt=dopr_adamw,seed=11"}, {11: "verdict/opt=adamw,seed=11"},
+                          dc.run_hosts(evals)) == set()
+    apart = dc.equal_compute({1: run([1.0, 0.5], seconds_per_step=2.0)}, {1: run([1.0, 0.5])}, METRIC,
+                             higher=True, other_host={1})
+    assert apart["result"] is None and "every seed's two runs ran on different machines" in apart["status"]
+
+
 def test_the_study_command_adds_decomposition_files_and_figure_for_a_verdict(tmp_path):
     import json
 

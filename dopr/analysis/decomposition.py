@@ -42,11 +42,14 @@ ranges overlap; "budget-limited: " comes first where part 3 did not find the bas
 verdict pairs (the base and DoPr at their chosen settings, as ``report.headline_comparison`` pairs them);
 ``effects_table`` puts every study's pairs in one table from their decomposition.csv files
 (results/faster_or_better.md, by scripts/results_table.py).
-Wall-clock numbers are only comparable between runs made on the same machine and thread count.
+Wall-clock numbers are only comparable between runs made on the same machine and thread count: a seed whose
+two runs' records name different CPUs, ATen kernel sets, core or thread counts (``run_hosts``; a sweep can span
+sessions on different machines) gets no seconds in part 1 and no equal-compute value in part 4, and says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -191,6 +194,41 @@ def seconds_per_step(run: pd.DataFrame) -> float:
     return float(last["wall_time"]) / float(last["step"]) if float(last["step"]) > 0 else math.nan
 
 
+# What makes two runs' wall-clocks comparable: the machine fields that set kernel speed, and the thread count.
+HOST_FIELDS = ("cpu", "aten_cpu_capability", "cores")
+
+
+def run_hosts(evals: pd.DataFrame) -> dict:
+    """run -> a description of the machine and thread count it ran on (``HOST_FIELDS`` of the record's
+    ``machine`` and ``threads``), or None where the records do not say."""
+    if "machine" not in evals:
+        return {}
+    hosts = {}
+    for run, points in evals.groupby("run", sort=False):
+        first = points.iloc[0]
+        try:
+            machine = json.loads(first["machine"]) if isinstance(first["machine"], str) else None
+        except json.JSONDecodeError:
+            machine = None
+        threads = first.get("threads")
+        if not isinstance(machine, dict) or pd.isna(threads):
+            hosts[run] = None
+            continue
+        hosts[run] = ", ".join(f"{k} {machine.get(k)}" for k in HOST_FIELDS) + f", threads {int(float(threads))}"
+    return hosts
+
+
+def other_hosts(dopr_runs: dict, base_runs: dict, hosts: dict) -> set:
+    """The seeds whose DoPr and base runs are recorded on different machines or thread counts (seed -> run
+    per arm); a run whose records do not say is not counted as different."""
+    out = set()
+    for s in set(dopr_runs) & set(base_runs):
+        a, b = hosts.get(dopr_runs[s]), hosts.get(base_runs[s])
+        if a is not None and b is not None and a != b:
+            out.add(s)
+    return out
+
+
 # ---------------------------------------------------------------- one pair: seed -> run curve per arm
 
 
@@ -204,27 +242,31 @@ def _mean(values) -> float:
     return float(np.mean(x)) if x else math.nan
 
 
-def speed(dopr: dict, base: dict) -> dict:
-    """Part 1. ``dopr``/``base``: seed -> run curve. Per seed and summary (see the module docstring)."""
+def speed(dopr: dict, base: dict, other_host: set | frozenset = frozenset()) -> dict:
+    """Part 1. ``dopr``/``base``: seed -> run curve. Per seed and summary (see the module docstring); the seeds
+    in ``other_host`` (runs on different machines) get steps but no seconds."""
     seeds = sorted(set(dopr) & set(base))
     rows = []
     for s in seeds:
         d_best, b_best = np.nanmin(_positive(dopr[s][LOSS])), np.nanmin(_positive(base[s][LOSS]))
         d, b = first_reach(dopr[s], b_best), first_reach(base[s], d_best)
         b_own = first_reach(base[s], b_best)
+        timed = s not in other_host
         rows.append({"seed": s, "dopr_to_base_best_step": d.step if d else None,
-                     "dopr_to_base_best_s": d.seconds if d else None, "dopr_censored": bool(d and d.censored),
+                     "dopr_to_base_best_s": d.seconds if d and timed else None,
+                     "dopr_censored": bool(d and d.censored),
                      "base_to_dopr_best_step": b.step if b else None,
-                     "base_to_dopr_best_s": b.seconds if b else None, "base_censored": bool(b and b.censored),
+                     "base_to_dopr_best_s": b.seconds if b and timed else None, "base_censored": bool(b and b.censored),
                      "base_best_step": b_own.step if b_own else None})
     reached_d = [r for r in rows if r["dopr_to_base_best_step"] is not None]
     reached_b = [r for r in rows if r["base_to_dopr_best_step"] is not None]
     return {"seeds": rows, "n": len(rows),
             "dopr_reached": len(reached_d), "dopr_step_median": _median(r["dopr_to_base_best_step"] for r in reached_d),
-            "dopr_s_median": _median(r["dopr_to_base_best_s"] for r in reached_d),
+            "dopr_s_median": _median(r["dopr_to_base_best_s"] for r in reached_d if r["dopr_to_base_best_s"] is not None),
             "dopr_censored": sum(r["dopr_censored"] for r in rows),
             "base_reached": len(reached_b), "base_step_median": _median(r["base_to_dopr_best_step"] for r in reached_b),
-            "base_s_median": _median(r["base_to_dopr_best_s"] for r in reached_b),
+            "base_s_median": _median(r["base_to_dopr_best_s"] for r in reached_b if r["base_to_dopr_best_s"] is not None),
+            "other_host": len(set(other_host) & set(seeds)),
             "base_censored": sum(r["base_censored"] for r in rows),
             "base_best_step_median": _median(r["base_best_step"] for r in rows)}
 
@@ -356,14 +398,22 @@ def convergence(base: dict, fraction: float = PLATEAU_FRACTION) -> dict:
             "too_few": few, "still_changing": moving, "n": len(rows)}
 
 
-def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set | frozenset = frozenset()) -> dict:
+def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set | frozenset = frozenset(),
+                  other_host: set | frozenset = frozenset()) -> dict:
     """Part 4 (see the module docstring): seconds per step of both arms, and DoPr's final metric against the
     base's at DoPr's total wall-clock when DoPr's step costs more. ``flat``: the seeds whose base run part 3
-    found flat, whose last value stands for a longer budget."""
-    seeds = sorted(set(dopr) & set(base))
+    found flat, whose last value stands for a longer budget. ``other_host``: the seeds whose two runs ran on
+    different machines, left out (their wall-clocks do not compare)."""
+    paired = sorted(set(dopr) & set(base))
+    seeds = [s for s in paired if s not in other_host]
     d_sps = [seconds_per_step(dopr[s]) for s in seeds]
     b_sps = [seconds_per_step(base[s]) for s in seeds]
-    out = {"dopr_s_per_step": _mean(d_sps), "base_s_per_step": _mean(b_sps), "seeds": [], "result": None}
+    out = {"dopr_s_per_step": _mean(d_sps), "base_s_per_step": _mean(b_sps), "seeds": [], "result": None,
+           "other_host": len(paired) - len(seeds)}
+    if paired and not seeds:
+        out["status"] = (f"every seed's two runs ran on different machines ({len(paired)}/{len(paired)}): "
+                         f"no wall-clock comparison; rerun one arm beside the other")
+        return out
     if not seeds or not math.isfinite(out["dopr_s_per_step"]) or not math.isfinite(out["base_s_per_step"]):
         out["status"] = "no wall_time recorded"
         return out
@@ -394,6 +444,8 @@ def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set |
     if short:
         status.append(f"base budget too short on {short}/{len(out['seeds'])} seeds; rerun the base with more steps "
                       f"(about {needed:.0f})")
+    if out["other_host"]:
+        status.append(f"{out['other_host']}/{len(paired)} seeds left out: their two runs ran on different machines")
     out["status"] = "; ".join(status)
     return out
 
@@ -450,6 +502,7 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
     train = next((c for c in TRAIN_SET_COLUMNS if c in evals and evals[c].notna().any()), None)
     columns = [LOSS, metric] + ([train] if train else [])
     by_run = {run: curve(points, columns) for run, points in evals.groupby("run", sort=False)}
+    hosts = run_hosts(evals)
     kept = set(runs["run"])
     out = []
     for pair in verdict_pairs(runs, choice, setting_keys, comparisons):
@@ -461,14 +514,15 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
         evaluations = [len(c) for c in [*dopr.values(), *base.values()]]
         plateau = convergence(base)
         flat = {row["seed"] for row in plateau["seeds"] if row["label"] == "flat"}
+        apart = other_hosts(pair.dopr, pair.base, hosts)
         out.append({"pair": pair, "metric": metric, "train_column": train,
                     "evaluations": (min(evaluations), max(evaluations)) if evaluations else (0, 0),
-                    "speed": speed(dopr, base),
+                    "speed": speed(dopr, base, apart),
                     "matched": matched_loss(dopr, base, metric, higher),
                     "matched_train": matched_loss(dopr, base, metric, higher, train) if train else None,
                     "pooled": pooled_matched_loss(grid_d, grid_b, metric),
                     "convergence": plateau,
-                    "equal_compute": equal_compute(dopr, base, metric, higher, flat),
+                    "equal_compute": equal_compute(dopr, base, metric, higher, flat, apart),
                     "final": final_difference(dopr, base, metric, higher)})
         out[-1]["claim"] = paper_claim(out[-1])
     return out
