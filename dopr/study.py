@@ -109,13 +109,17 @@ def tune(plan: dict, root: Path, jobs: int, log: Log, choice: dict) -> dict:
 
 
 def verdict_jobs(plan: dict, root: Path, choice: dict) -> list[Job]:
-    """The verdict stage's runs: each cell's optimizers at their chosen settings, on every verdict seed."""
+    """The verdict stage's runs: each cell's optimizers at their chosen settings, on every verdict seed.
+
+    Seed by seed, every optimizer of a seed after the other: a seed's runs then share the machine and its
+    load even when the stage spans sessions on different machines, and their wall-clocks compare (§3b's
+    speed and equal compute, which leave out a seed whose runs' machines differ)."""
     todo = []
     for cell in verdict_cells(plan):
         where = {**plan["tune_at"], **cell}
-        for opt in verdict_optimizers(plan, cell):
-            settings = {k: v for k, v in choice[opt].items() if k in CHOSEN}
-            todo += [job(root, "verdict", plan, opt, s, settings, where) for s in plan["verdict_seeds"]]
+        arms = [(opt, {k: v for k, v in choice[opt].items() if k in CHOSEN}) for opt in verdict_optimizers(plan, cell)]
+        todo += [job(root, "verdict", plan, opt, s, settings, where)
+                 for s in plan["verdict_seeds"] for opt, settings in arms]
     return todo
 
 
