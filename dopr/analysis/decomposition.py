@@ -266,7 +266,6 @@ def speed(dopr: dict, base: dict, other_host: set | frozenset = frozenset()) -> 
             "dopr_censored": sum(r["dopr_censored"] for r in rows),
             "base_reached": len(reached_b), "base_step_median": _median(r["base_to_dopr_best_step"] for r in reached_b),
             "base_s_median": _median(r["base_to_dopr_best_s"] for r in reached_b if r["base_to_dopr_best_s"] is not None),
-            "other_host": len(set(other_host) & set(seeds)),
             "base_censored": sum(r["base_censored"] for r in rows),
             "base_best_step_median": _median(r["base_best_step"] for r in rows)}
 
