@@ -7,6 +7,12 @@ Stages (each resumes: finished runs are skipped, interrupted ones continue from 
            each DoPr optimizer over the damping grid at its chosen learning rate, extended the same way
   verdict  every optimizer at its chosen setting on the fresh verdict seeds, in every cell of the
            plan's verdict_axes (their product, e.g. task.noise_cond, or task.dataset x task.train_episodes)
+  equal_compute
+           each base GP the plan lists under equal_compute, re-run on each verdict seed at its chosen setting
+           for the steps its DoPr partner's wall-clock buys it on that seed (§3b's equal compute): DoPr's total
+           wall_time over the base's seconds per step, from the seed's two verdict runs (finished, on one
+           machine), rounded up to a whole evaluation interval. Finished records do not change, so a stage
+           resumed in another session runs the same runs; seeds whose pair has not finished wait.
 Plan keys ``overrides`` apply to every run, ``tune_overrides`` / ``verdict_overrides`` to one stage's runs;
 ``verdict_cut`` runs only the listed optimizers in the verdict cells that match ``where``
 (dopr/analysis/plan.py). The choice of each stage is written to <sweep_root>/choice.json, merged: a
@@ -23,14 +29,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from dopr.analysis.decomposition import HOST_FIELDS
 from dopr.analysis.plan import verdict_cells, verdict_optimizers
 from dopr.analysis.stats import higher_is_better, is_log_scale
-from dopr.analysis.sweep import finished_metrics, summarize_run
+from dopr.analysis.sweep import EQUAL_COMPUTE_STAGE, finished_metrics, summarize_run
 from dopr.paths import REPO_ROOT
 from dopr.records import atomic_write_text
 from dopr.runner import Job, run_jobs
 
-STAGES = ("tune", "verdict", "all")
+STAGES = ("tune", "verdict", EQUAL_COMPUTE_STAGE, "all")
 CHOSEN = ("opt.lr", "opt.ap.damping")  # the settings tuning chooses, as choice.json names them
 Log = Callable[[Job, dict, float], None]
 
@@ -44,9 +51,11 @@ def job(root: Path, stage: str, plan: dict, opt: str, seed: int, settings: dict,
     # The default damping is what the lr stage ran: the same run, not a second copy of it.
     settings = {k: v for k, v in settings.items() if not (k == "opt.ap.damping" and v == plan["default_damping"])}
     run_dir = root / stage / _dirname({**where, "opt": opt, **settings, "seed": seed})
-    # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (docs/STUDIES.md §4)
+    # <stage>_overrides: e.g. more evaluation episodes for the verdict than for tuning (docs/STUDIES.md §4);
+    # the equal-compute runs are verdict runs with more steps
+    stage_overrides = plan["tune_overrides" if stage == "tune" else "verdict_overrides"]
     overrides = (f"task={plan['task']}", f"opt={opt}", f"seed={seed}", *plan["overrides"],
-                 *plan[f"{stage}_overrides"], *(f"{k}={v}" for k, v in {**where, **settings}.items()))
+                 *stage_overrides, *(f"{k}={v}" for k, v in {**where, **settings}.items()))
     return Job(run_dir, overrides)
 
 
@@ -123,6 +132,60 @@ def verdict_jobs(plan: dict, root: Path, choice: dict) -> list[Job]:
     return todo
 
 
+def _finished_summary(run_dir: Path) -> dict | None:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "finished" else None
+
+
+def _host(summary: dict) -> tuple:
+    """The machine a run's wall-clock belongs to (as dopr.analysis.decomposition.run_hosts compares them)."""
+    machine = summary.get("machine") or {}
+    return tuple(machine.get(k) for k in HOST_FIELDS) + (summary.get("threads"),)
+
+
+def equal_compute_steps(plan: dict, root: Path, choice: dict, base: str, seed: int, where: dict) -> int | None:
+    """The steps that give ``base`` its DoPr partner's wall-clock on ``seed`` in the cell ``where`` (the
+    equal_compute stage's rule, module docstring); None until both verdict runs finished on one machine."""
+    arms = [job(root, "verdict", plan, o, seed, {k: v for k, v in choice[o].items() if k in CHOSEN}, where)
+            for o in (base, f"dopr_{base}")]
+    b, d = (_finished_summary(j.run_dir) for j in arms)
+    if b is None or d is None or not b.get("machine") or _host(b) != _host(d):
+        return None
+    b_time, d_time = b["last"].get("wall_time"), d["last"].get("wall_time")
+    if not b_time or not d_time:
+        return None
+    needed = d_time / (b_time / b["last"]["step"])
+    interval = b["config"]["trainer"]["eval_every"]
+    return int(math.ceil(needed / interval) * interval)
+
+
+def equal_compute_jobs(plan: dict, root: Path, choice: dict) -> list[Job]:
+    """The equal_compute stage's runs (module docstring), seed by seed: each seed whose verdict pair has
+    finished on one machine; the others are said, to be run by a later call."""
+    todo = []
+    for base in plan["equal_compute"]:
+        if f"dopr_{base}" not in choice:
+            raise SystemExit(f"equal_compute: dopr_{base} has no choice yet: tune it (optimizers=[{base},dopr_{base}])")
+        settings = {k: v for k, v in choice[base].items() if k in CHOSEN}
+        steps, waiting = {}, 0
+        for cell in verdict_cells(plan):
+            where = {**plan["tune_at"], **cell}
+            for seed in plan["verdict_seeds"]:
+                n = equal_compute_steps(plan, root, choice, base, seed, where)
+                if n is None:
+                    waiting += 1
+                    continue
+                steps[f"{_dirname(cell)} seed {seed}".strip()] = n
+                todo.append(job(root, EQUAL_COMPUTE_STAGE, plan, base, seed, {**settings, "trainer.steps": n}, where))
+        print(f"[study] equal_compute: {base} at DoPr's wall-clock, steps per seed {steps}"
+              + (f"; {waiting} seed(s) wait for their verdict pair to finish on one machine (run this stage "
+                 f"again after stage=verdict)" if waiting else ""), flush=True)
+    return todo
+
+
 def only_optimizers(plan: dict, optimizers: list[str] | None) -> dict:
     """The plan restricted to ``optimizers`` (None: all of the plan's), in the plan's order."""
     if optimizers is None:
@@ -139,7 +202,7 @@ def default_root(plan_name: str) -> Path:
 
 
 def run_stages(plan: dict, root: Path, stage: str = "all", jobs: int = 2) -> None:
-    """Run ``stage`` (tune, verdict or all) of ``plan`` (dopr.analysis.plan.load_plan) under ``root``."""
+    """Run ``stage`` (tune, verdict, equal_compute or all) of ``plan`` (dopr.analysis.plan.load_plan) under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     choice_path = root / "choice.json"
 
@@ -152,14 +215,21 @@ def run_stages(plan: dict, root: Path, stage: str = "all", jobs: int = 2) -> Non
         choice = tune(plan, root, jobs, log, json.loads(choice_path.read_text()) if choice_path.exists() else {})
         # atomically: a session killed mid-write must not lose the other optimizers' choices
         atomic_write_text(choice_path, json.dumps(choice, indent=1, default=str) + "\n")
-    if stage in ("verdict", "all"):
+    if stage in ("verdict", EQUAL_COMPUTE_STAGE, "all"):
         if not choice_path.exists():
             raise SystemExit(f"{choice_path} missing: run stage=tune first")
         choice = json.loads(choice_path.read_text())
         missing = [o for o in plan["optimizers"] if o not in choice]
         if missing:
             raise SystemExit(f"{choice_path} has no choice for {missing}: run stage=tune for them first")
+    if stage in ("verdict", "all"):
         todo = verdict_jobs(plan, root, choice)
         print(f"[study] verdict: {len(todo)} runs", flush=True)
         run_jobs(todo, jobs, on_done=log)
+    if stage in (EQUAL_COMPUTE_STAGE, "all") and plan["equal_compute"]:
+        bases = [b for b in plan["equal_compute"] if b in plan["optimizers"]]
+        todo = equal_compute_jobs({**plan, "equal_compute": bases}, root, choice)
+        if todo:
+            print(f"[study] equal_compute: {len(todo)} runs", flush=True)
+            run_jobs(todo, jobs, on_done=log)
     print(f"[study] done; records under {root}")

@@ -6,10 +6,11 @@
 
 Stage tune chooses each optimizer's learning rate (then each DoPr optimizer's damping) on the tuning
 seeds, extending a grid whose best value is at an edge; stage verdict runs the choices on the fresh
-verdict seeds in every cell of the plan's verdict_axes (dopr/study.py says how; the plan's keys are
-dopr/analysis/plan.py's StudyPlan, checked before any run).
+verdict seeds in every cell of the plan's verdict_axes; stage equal_compute re-runs the plan's
+equal_compute bases for the steps their DoPr partner's wall-clock buys them (dopr/study.py says how; the
+plan's keys are dopr/analysis/plan.py's StudyPlan, checked before any run).
 Keys: plan (a configs/study name), jobs (runs at once, one thread each; default 2), stage (tune,
-verdict or all; default all), sweep_root (default multirun/<plan>), optimizers (default all of the
+verdict, equal_compute or all; default all), sweep_root (default multirun/<plan>), optimizers (default all of the
 plan's: run only these, e.g. ``optimizers=[muon,dopr_muon]`` to finish one GP pair's tuning and
 verdict before the next starts, so a session that ends early leaves whole pairs).
 The choice of each stage is written to <sweep_root>/choice.json (merged: a run for some optimizers

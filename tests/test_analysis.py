@@ -77,6 +77,16 @@ def test_runs_table_has_the_contract_columns_and_best_final_valpick(sweep_dir):
     assert math.isnan(base0["opt.ap.damping"]) and bool(runs.loc["opt=dopr_adamw,seed=0", "ap"]) and not base0["ap"]
 
 
+def test_a_run_under_the_equal_compute_dir_is_of_that_stage(tmp_path):
+    """run_study's layout: <sweep>/verdict/<run> takes its seed's stage, <sweep>/equal_compute/<run> (a verdict
+    seed's base re-run for more steps) the stage equal_compute, so it is no second verdict run of its seed."""
+    for stage in ("verdict", "equal_compute"):
+        write_run(tmp_path / "sweep" / stage, "adamw", 10, evals([3.0, 2.0, 1.5], [1.0, 0.5, 0.4]))
+    runs = runs_table(read_sweep(tmp_path / "sweep"), "toy", {10: "verdict"}).set_index("run")
+    assert runs.loc["verdict/opt=adamw,seed=10", "stage"] == "verdict"
+    assert runs.loc["equal_compute/opt=adamw,seed=10", "stage"] == "equal_compute"
+
+
 def test_seed_in_no_stage_is_an_error(sweep_dir):
     with pytest.raises(SystemExit, match=r"seeds \[3\] are in neither tune_seeds= nor verdict_seeds="):
         runs_table(read_sweep(sweep_dir), "toy", {0: "tune", 1: "tune", 2: "verdict"})

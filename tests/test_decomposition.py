@@ -145,6 +145,55 @@ def test_equal_compute_gives_the_base_dopr_wall_clock_or_says_it_is_too_short():
     assert "carried to DoPr's wall-clock on 1/3 seeds" in flat["status"] and "too short" not in flat["status"]
 
 
+def test_equal_compute_takes_the_base_rerun_where_its_steps_reach_dopr_wall_clock():
+    """The equal_compute stage's re-run of the base stands in for a verdict run that ended before DoPr's
+    wall-clock, read at its last evaluation, only where its steps reach what that wall-clock buys the base;
+    its own (possibly loaded) clock is not read."""
+    # DoPr: 400 steps at 2 s/step (800 s). The base's verdict runs: 400 steps at 1 s/step, so it needs 800 steps.
+    dopr = {s: run([0.8, 0.4, 0.2, 0.1], [0.1, 0.5, 0.8, 0.9], seconds_per_step=2.0) for s in (1, 2, 3)}
+    base = {s: run([1.0, 0.5, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4]) for s in (1, 2, 3)}
+    longer = {1: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.11, 0.11, 0.11], [0.1 * i for i in range(9)],
+                     seconds_per_step=5.0),  # 900 steps >= 800; its slow clock is ignored
+              2: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.11], [0.95] * 7)}  # 700 steps: short of 800
+    out = dc.equal_compute(dopr, base, METRIC, higher=True, longer=longer)
+    by_seed = {r["seed"]: r for r in out["seeds"]}
+    assert by_seed[1]["base"] == pytest.approx(0.8) and by_seed[1]["longer_steps"] == 900
+    assert math.isnan(by_seed[2]["base"]) and by_seed[2]["longer_steps"] is None
+    assert math.isnan(by_seed[3]["base"])  # no re-run, not flat: too short
+    assert out["result"].diff.n == 1 and out["result"].diff.mean == pytest.approx(0.9 - 0.8)
+    assert "on 1/3 seeds, its last evaluation taken: 1.12-1.12x the steps" in out["status"]
+    assert "flat over its last quarter on 1/1 (converged)" in out["status"]  # 0.11 -> 0.11 from step 700
+    assert "base budget too short on 2/3 seeds" in out["status"] and "stage=equal_compute" in out["status"]
+    # Where the verdict run already covers DoPr's wall-clock it is read, not the re-run.
+    long_enough = {1: run([1.0] * 8, [0.5] * 8)}
+    covered = dc.equal_compute({1: dopr[1]}, long_enough, METRIC, higher=True, longer={1: longer[1]})
+    assert covered["seeds"][0]["base"] == pytest.approx(0.5) and covered["seeds"][0]["longer_steps"] is None
+
+
+def test_decompose_finds_the_base_reruns_at_the_chosen_setting_and_keeps_them_out_of_the_pool():
+    from dopr.analysis import report
+
+    evals, runs = _study_frames(8)
+    keys = ["opt.lr", "opt.ap.damping"]
+    choice = report.choose_settings(runs, METRIC, True, keys)
+    evals.loc[evals["run"].str.contains("dopr"), "wall_time"] *= 2  # DoPr's 800 steps buy the base 1600
+    extra, rows = [], []
+    for seed, lr in ((10, 1e-3), (11, 1e-3), (11, 3e-3)):  # the 3e-3 run is not at the chosen setting
+        r = f"equal_compute/opt=adamw,opt.lr={lr},trainer.steps=1600,seed={seed}"  # evaluations every 100 steps
+        extra.append(run([1.0, 0.5, 0.25] + [0.2] * 13, [0.5 if lr == 1e-3 else 0.9] * 16).assign(run=r))
+        rows.append({"task": "toy", "stage": "equal_compute", "gp": "adamw", "opt.name": "adamw", "ap": False,
+                     "opt.lr": lr, "opt.ap.damping": math.nan, "seed": seed, "run": r,
+                     f"best/{METRIC}": 0.5, "best/val/loss": 0.2, "last_step": 1600})
+    evals = pd.concat([evals, *extra], ignore_index=True)
+    runs = pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
+    part = dc.decompose(evals, runs, choice, keys, METRIC, True)[0]
+    ec = part["equal_compute"]
+    assert [(r["seed"], r["longer_steps"], r["base"]) for r in ec["seeds"]] == [(10, 1600, 0.5), (11, 1600, 0.5)]
+    assert ec["longer"] == {"n": 2, "flat": 2, "label": "converged"}
+    assert part["pooled"].runs == (3, 3)  # the pool stays the tuning and verdict runs
+    assert "(re-run, step 1600)" in dc.decomposition_table([part])
+
+
 def test_value_at_time_interpolates_in_wall_clock():
     base = run([1.0, 0.5, 0.2], [0.0, 1.0, 2.0])
     assert dc.value_at_time(base, 150, METRIC) == pytest.approx(0.5)

@@ -138,6 +138,61 @@ def test_the_verdict_stage_refuses_optimizers_not_yet_tuned(plans, tmp_path):
         run_study.main(["plan=p", "stage=verdict", f"sweep_root={sweep}"])
 
 
+@pytest.mark.parametrize("extra", ["equal_compute: [muon]\n", "equal_compute: [dopr_adamw]\n"])
+def test_equal_compute_names_a_base_with_its_dopr_partner(plans, extra):
+    plans(PLAN.replace("[adamw, dopr_adamw]", "[adamw, dopr_adamw, muon]") + extra)
+    with pytest.raises(SystemExit, match="equal_compute: .* must be base GPs"):
+        study_plan.load_plan("p")
+
+
+def _finished(run_dir: Path, wall_time: float, steps: int, cpu: str = "Intel Xeon", eval_every: int = 100) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({
+        "status": "finished", "last": {"step": steps, "wall_time": wall_time},
+        "config": {"trainer": {"steps": steps, "eval_every": eval_every}}, "threads": 1,
+        "machine": {"cpu": cpu, "aten_cpu_capability": "AVX512", "cores": 2}}))
+
+
+def test_the_equal_compute_stage_gives_the_base_dopr_wall_clock_in_steps_per_seed(plans, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Per seed: DoPr's wall_time over the base's seconds per step, rounded up to an evaluation interval, from the
+    seed's two finished verdict runs on one machine; other seeds wait for a later call."""
+    plans(PLAN.replace("verdict_seeds: [10]", "verdict_seeds: [10, 11, 12, 13]") + "equal_compute: [adamw]\n")
+    sweep = tmp_path / "sweep"
+    (sweep / "verdict").mkdir(parents=True)
+    (sweep / "choice.json").write_text(json.dumps({"adamw": {"opt.lr": 0.01}, "dopr_adamw": {"opt.lr": 0.001}}))
+    # 1000-step runs: base 0.1 s/step; DoPr 251 s (2510 steps' worth) on seed 10, 230 s on seed 11; seed 12's
+    # DoPr ran on another CPU (no comparable wall-clock); seed 13's DoPr has not finished.
+    for seed, dopr_seconds, cpu in ((10, 251.0, "Intel Xeon"), (11, 230.0, "Intel Xeon"), (12, 900.0, "AMD EPYC")):
+        _finished(sweep / "verdict" / f"opt=adamw,opt.lr=0.01,seed={seed}", 100.0, 1000)
+        _finished(sweep / "verdict" / f"opt=dopr_adamw,opt.lr=0.001,seed={seed}", dopr_seconds, 1000, cpu)
+    _finished(sweep / "verdict" / "opt=adamw,opt.lr=0.01,seed=13", 100.0, 1000)
+    ran = []
+    monkeypatch.setattr(dopr.study, "run_jobs", lambda jobs, n, on_done=None: ran.extend(jobs) or [])
+    run_study.main(["plan=p", "stage=equal_compute", f"sweep_root={sweep}"])
+    assert [str(j.run_dir.relative_to(sweep)) for j in ran] == [
+        "equal_compute/opt=adamw,opt.lr=0.01,trainer.steps=2600,seed=10",
+        "equal_compute/opt=adamw,opt.lr=0.01,trainer.steps=2300,seed=11"]
+    assert ran[0].overrides.index("trainer.steps=2600") > ran[0].overrides.index("opt=adamw")  # after the plan's
+    assert "2 seed(s) wait for their verdict pair" in capsys.readouterr().out
+    # A later call, once seed 13's pair has finished, runs the same two and seed 13's.
+    _finished(sweep / "verdict" / "opt=dopr_adamw,opt.lr=0.001,seed=13", 400.0, 1000)
+    ran.clear()
+    run_study.main(["plan=p", "stage=equal_compute", f"sweep_root={sweep}"])
+    assert [str(j.run_dir.relative_to(sweep)).split(",")[2:] for j in ran] == [
+        ["trainer.steps=2600", "seed=10"], ["trainer.steps=2300", "seed=11"], ["trainer.steps=4000", "seed=13"]]
+
+
+def test_the_equal_compute_stage_waits_for_a_finished_pair(plans, tmp_path, monkeypatch, capsys):
+    plans(PLAN + "equal_compute: [adamw]\n")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "choice.json").write_text(json.dumps({"adamw": {"opt.lr": 0.01}, "dopr_adamw": {"opt.lr": 0.001}}))
+    monkeypatch.setattr(dopr.study, "run_jobs", lambda *a, **k: pytest.fail("nothing is ready to run"))
+    run_study.main(["plan=p", "stage=equal_compute", f"sweep_root={sweep}"])
+    assert "1 seed(s) wait for their verdict pair" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("line, message", [
     ("verdict_axis: {task.noise: [0, 1]}", r"unknown key 'verdict_axis' \(did you mean 'verdict_axes'\?\)"),
     ("tune_overides: [task.eval_episodes=20]", r"unknown key 'tune_overides' \(did you mean 'tune_overrides'\?\)"),

@@ -26,10 +26,14 @@ answered from the evaluation points (evals.csv), paired by seed.
 4. **Equal compute** (``equal_compute``): seconds per step are a run's last wall_time over its last step
    (evaluation time included, as wall_time counts it). Where DoPr's mean over seeds exceeds the base's, DoPr's
    final metric is compared with the base's metric at the wall_time equal to DoPr's total (linear in wall_time
-   between the base's evaluations), paired by seed. A base run that stopped before that wall_time keeps its
-   last value where part 3 found that run flat (its schedule had ended on a plateau: "carried"), and gives
-   None otherwise ("base budget too short; rerun the base with more steps"). Where DoPr's step is not
-   costlier, the fixed-budget verdict already is the equal-compute one.
+   between the base's evaluations), paired by seed. A base run that stopped before that wall_time is replaced
+   by the base's re-run with more steps where the study has one (dopr/study.py's equal_compute stage, stage
+   "equal_compute" in runs.csv): its last evaluation stands when its steps reach those DoPr's wall-clock buys
+   the base at its verdict run's seconds per step (the re-run's own clock is not read: it may have run beside
+   other work), and part 3's plateau rule is applied to those re-runs too. Without one, the base keeps its last
+   value where part 3 found that run flat (its schedule had ended on a plateau: "carried"), and gives None
+   otherwise ("base budget too short; rerun the base with more steps"). Where DoPr's step is not costlier,
+   the fixed-budget verdict already is the equal-compute one.
 
 The paper's claim, "DoPr improves the test metric at equal or worse training/validation loss", gets one verdict
 word per pair from parts 2 and 3 (``paper_claim``), beside the fixed-budget verdict (DoPr − base at the last
@@ -58,6 +62,7 @@ import pandas as pd
 
 from dopr.analysis.markdown import markdown_table
 from dopr.analysis.report import at_choice, comparison_pool, setting_label
+from dopr.analysis.sweep import EQUAL_COMPUTE_STAGE
 from dopr.analysis.stats import Interval, PairedResult, percentile_interval, is_log_scale, paired_difference
 
 LOSS = "val/loss"
@@ -398,11 +403,14 @@ def convergence(base: dict, fraction: float = PLATEAU_FRACTION) -> dict:
 
 
 def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set | frozenset = frozenset(),
-                  other_host: set | frozenset = frozenset()) -> dict:
+                  other_host: set | frozenset = frozenset(), longer: dict | None = None) -> dict:
     """Part 4 (see the module docstring): seconds per step of both arms, and DoPr's final metric against the
     base's at DoPr's total wall-clock when DoPr's step costs more. ``flat``: the seeds whose base run part 3
     found flat, whose last value stands for a longer budget. ``other_host``: the seeds whose two runs ran on
-    different machines, left out (their wall-clocks do not compare)."""
+    different machines, left out (their wall-clocks do not compare). ``longer``: seed -> the base's re-run
+    with more steps (dopr/study.py's equal_compute stage), whose last value stands where its steps reach the
+    steps DoPr's wall-clock buys the base at the verdict run's seconds per step."""
+    longer = longer or {}
     paired = sorted(set(dopr) & set(base))
     seeds = [s for s in paired if s not in other_host]
     d_sps = [seconds_per_step(dopr[s]) for s in seeds]
@@ -424,11 +432,18 @@ def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set |
         b = base[s].dropna(subset=[metric, "wall_time"])
         budget = float(d["wall_time"].iloc[-1])
         value = value_at_time(b, budget, metric)
+        needed = budget / seconds_per_step(b)
+        long_run = longer[s].dropna(subset=[metric]) if s in longer else None
+        # the longer run's own clock is not used: it may have run beside other work; its steps are what count
+        long_steps = (float(long_run["step"].iloc[-1]) if long_run is not None and len(long_run)
+                      and not math.isfinite(value) and float(long_run["step"].iloc[-1]) >= needed else None)
+        if long_steps is not None:
+            value = float(long_run[metric].iloc[-1])
         carried = not math.isfinite(value) and s in flat and len(b) > 0
         out["seeds"].append({"seed": s, "dopr_seconds": budget, "base_seconds": float(b["wall_time"].iloc[-1]),
                              "dopr": float(d[metric].iloc[-1]),
                              "base": float(b[metric].iloc[-1]) if carried else value, "carried": carried,
-                             "base_steps_needed": budget / seconds_per_step(b)})
+                             "base_steps_needed": needed, "longer_steps": long_steps})
     ok = [r for r in out["seeds"] if math.isfinite(r["base"])]
     short = len(out["seeds"]) - len(ok)
     carried = sum(r["carried"] for r in out["seeds"])
@@ -437,12 +452,22 @@ def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set |
                                           metric, higher)
     needed = _median(r["base_steps_needed"] for r in out["seeds"] if not math.isfinite(r["base"]))
     status = []
+    used = [r for r in out["seeds"] if r["longer_steps"] is not None]
+    if used:
+        plateau = convergence({r["seed"]: longer[r["seed"]] for r in used})
+        flat_long = sum(row["label"] == "flat" for row in plateau["seeds"])
+        extra = [r["longer_steps"] / r["base_steps_needed"] for r in used]
+        status.append(f"base re-run for more steps (equal_compute stage) on {len(used)}/{len(out['seeds'])} seeds, "
+                      f"its last evaluation taken: {min(extra):.2f}-{max(extra):.2f}x the steps DoPr's wall-clock "
+                      f"buys it; its val/loss flat over its last quarter on {flat_long}/{len(used)}"
+                      + (" (converged)" if plateau["label"] == "converged" else ""))
+        out["longer"] = {"n": len(used), "flat": flat_long, "label": plateau["label"]}
     if carried:
         status.append(f"base's last value carried to DoPr's wall-clock on {carried}/{len(out['seeds'])} seeds "
                       f"(base run flat by part 3's plateau rule)")
     if short:
         status.append(f"base budget too short on {short}/{len(out['seeds'])} seeds; rerun the base with more steps "
-                      f"(about {needed:.0f})")
+                      f"(about {needed:.0f}: a plan's equal_compute key and scripts/run_study.py stage=equal_compute)")
     if out["other_host"]:
         status.append(f"{out['other_host']}/{len(paired)} seeds left out: their two runs ran on different machines")
     out["status"] = "; ".join(status)
@@ -494,6 +519,23 @@ def verdict_pairs(runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[s
     return pairs
 
 
+def longer_base(longer_runs: pd.DataFrame, base_runs: pd.DataFrame, setting_keys: list[str]) -> dict:
+    """seed -> run: the equal-compute stage's re-runs of the base (``base_runs``: its verdict runs) at the same
+    task, optimizer and chosen setting, one per seed (the longest where a seed has several)."""
+    if longer_runs.empty or base_runs.empty:
+        return {}
+    first = base_runs.iloc[0]
+    same = (longer_runs["task"] == first["task"]) & (longer_runs["opt.name"] == first["opt.name"])
+    for key in setting_keys:
+        if key in longer_runs and key in base_runs:
+            value = first[key]
+            same &= longer_runs[key].isna() if pd.isna(value) else longer_runs[key] == value
+    chosen = longer_runs[same & longer_runs["seed"].isin(base_runs["seed"])]
+    if "last_step" in chosen:
+        chosen = chosen.sort_values("last_step")
+    return dict(zip(chosen["seed"], chosen["run"]))
+
+
 def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, setting_keys: list[str], metric: str,
               higher: bool, comparisons: list[tuple[str, str]] = ()) -> list[dict]:
     """The four parts for every verdict pair (one dict per pair); ``runs`` is runs.csv's frame (stage, run);
@@ -503,11 +545,13 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
     by_run = {run: curve(points, columns) for run, points in evals.groupby("run", sort=False)}
     hosts = run_hosts(evals)
     kept = set(runs["run"])
+    longer_runs = runs[runs["stage"] == EQUAL_COMPUTE_STAGE]
     out = []
     for pair in verdict_pairs(runs, choice, setting_keys, comparisons):
         dopr = {s: by_run[r] for s, r in pair.dopr.items()}
         base = {s: by_run[r] for s, r in pair.base.items()}
-        grid = runs[(runs["task"] == pair.task) & runs["run"].isin(kept)]
+        longer = longer_base(longer_runs, runs[runs["run"].isin(pair.base.values())], setting_keys)
+        grid = runs[(runs["task"] == pair.task) & runs["run"].isin(kept) & (runs["stage"] != EQUAL_COMPUTE_STAGE)]
         grid_d = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.dopr_name, "run"]}
         grid_b = {r: by_run[r] for r in grid.loc[grid["opt.name"] == pair.base_name, "run"]}
         evaluations = [len(c) for c in [*dopr.values(), *base.values()]]
@@ -521,7 +565,8 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
                     "matched_train": matched_loss(dopr, base, metric, higher, train) if train else None,
                     "pooled": pooled_matched_loss(grid_d, grid_b, metric),
                     "convergence": plateau,
-                    "equal_compute": equal_compute(dopr, base, metric, higher, flat, apart),
+                    "equal_compute": equal_compute(dopr, base, metric, higher, flat, apart,
+                                                   {seed: by_run[r] for seed, r in longer.items()}),
                     "final": final_difference(dopr, base, metric, higher)})
         out[-1]["claim"] = paper_claim(out[-1])
     return out
@@ -693,7 +738,8 @@ def decomposition_table(parts: list[dict]) -> str:
                                                        if cr and math.isfinite(cr["change"])
                                                        else (cr["label"] if cr else "")),
                           "base at DoPr's wall-clock": "" if er is None else
-                          _n(er["base"], 3) + (" (carried: flat)" if er["carried"] else "")})
+                          _n(er["base"], 3) + (" (carried: flat)" if er["carried"] else "")
+                          + (f" (re-run, step {er['longer_steps']:.0f})" if er.get("longer_steps") else "")})
     header = (f"§3b decomposition (dopr.analysis.decomposition): verdict seeds, each arm at its chosen setting, "
               f"DoPr − base paired by seed; intervals 95%.\n")
     if any(" vs " in p["pair"].gp for p in parts):

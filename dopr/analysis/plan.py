@@ -60,6 +60,9 @@ class StudyPlan:
     # each compared with every one of ``references`` (decomposition.md: paired by seed, with §3b's parts)
     peers: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
+    # §3b's equal compute: each listed base GP is re-run on the verdict seeds at its chosen setting for the steps
+    # its DoPr partner's wall-clock buys it (dopr/study.py's equal_compute stage), where its verdict runs end sooner
+    equal_compute: list[str] = field(default_factory=list)
     # true while its sweeps run (across sessions): no results are committed yet, so it is not a registered
     # study (dopr/analysis/studies.py) and the README lists nothing of it
     in_progress: bool = False
@@ -76,6 +79,11 @@ class StudyPlan:
         if bool(self.peers) != bool(self.references) or set(self.peers) & set(self.references):
             raise ValueError(f"peers {self.peers} need references {self.references} to be compared with (both or "
                              f"neither), and no optimizer can be both")
+        bad = [b for b in self.equal_compute if b.startswith("dopr_") or b not in self.optimizers
+               or f"dopr_{b}" not in self.optimizers]
+        if bad:
+            raise ValueError(f"equal_compute: {bad} must be base GPs among the plan's optimizers, each with its "
+                             f"DoPr partner (dopr_<gp>) there too")
         overlap = set(self.tune_seeds) & set(self.verdict_seeds)
         if overlap:
             raise ValueError(f"seeds {sorted(overlap)} are both tuning and verdict seeds")

@@ -33,8 +33,9 @@ from dopr.records import atomic_write_text
 
 
 def keep_verdict_cell(runs: pd.DataFrame, where: dict) -> pd.DataFrame:
-    """Drop verdict-stage runs that are not at ``where``; tuning runs stay whatever their settings."""
-    keep = runs["stage"] != "verdict"
+    """Drop verdict-seed runs (verdict and equal-compute stages) that are not at ``where``; tuning runs stay
+    whatever their settings."""
+    keep = runs["stage"] == "tune"
     at = pd.Series(True, index=runs.index)
     for key, value in where.items():
         if key not in runs:

@@ -37,6 +37,8 @@ META = ["run", "task", "opt.name", "ap", "gp", "opt.lr", "opt.ap.damping", "seed
 # What provenance.json needs about each run, kept as columns so that an evals.csv carries it too.
 PROVENANCE = ["git.sha", "git.dirty", "threads", "machine", "versions", "date"]
 # The data contract's leading columns, in order (docs/STUDIES.md §5).
+# dopr/study.py's stage (and dir under the sweep root) for a base GP re-run at its DoPr partner's wall-clock
+EQUAL_COMPUTE_STAGE = "equal_compute"
 CONTRACT = ["study", "task", "opt.name", "ap", "opt.lr", "opt.ap.damping", "seed", "stage", "eval_episodes", "steps"]
 PICKS = ("best", "final", "valpick")  # which checkpoint of a run a runs.csv value is read at (summarize_run)
 
@@ -304,11 +306,18 @@ def summarize_run(points: pd.DataFrame, metrics: list[str], better: dict) -> dic
     return out
 
 
+def stage_of_run(run: str, seed, stage_of_seed: dict) -> str:
+    """A run's stage: "equal_compute" for a run under dopr/study.py's equal_compute dir (a verdict seed's base
+    re-run for more steps), else its seed's stage."""
+    return EQUAL_COMPUTE_STAGE if str(run).split("/")[0] == EQUAL_COMPUTE_STAGE else stage_of_seed[seed]
+
+
 def runs_table(sweep: Sweep, study: str, stage_of_seed: dict, better: dict | None = None,
                keys: list[str] = ()) -> pd.DataFrame:
     """The data contract's runs.csv: one row per run (CONTRACT columns, ``keys``, then the metrics).
 
-    ``stage_of_seed`` maps each seed to "tune" or "verdict"; a seed missing from it is an error."""
+    ``stage_of_seed`` maps each seed to "tune" or "verdict"; a seed missing from it is an error. A run under
+    <sweep>/equal_compute/ is of stage "equal_compute" (``stage_of_run``)."""
     evals = sweep.evals
     keys = [k for k in keys if k not in CONTRACT]
     unknown = sorted(set(evals["seed"]) - set(stage_of_seed))
@@ -319,7 +328,7 @@ def runs_table(sweep: Sweep, study: str, stage_of_seed: dict, better: dict | Non
     rows = []
     for run, points in evals.groupby("run", sort=False):
         first = points.iloc[0]
-        row = {"study": study, **{c: first[c] for c in CONTRACT if c in first}, "stage": stage_of_seed[first["seed"]],
+        row = {"study": study, **{c: first[c] for c in CONTRACT if c in first}, "stage": stage_of_run(run, first["seed"], stage_of_seed),
                "gp": first["gp"], "run": run, **{k: first[k] for k in keys if k in first},
                "evaluations": len(points), "last_step": int(points["step"].max())}
         row.update(summarize_run(points, metrics, better))
