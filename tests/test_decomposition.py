@@ -398,4 +398,10 @@ def test_effects_table_puts_each_pairs_four_effects_in_one_row():
     assert cells[4] == "DoPr to base's best on 1/8, base to DoPr's best on 7/8"
     assert cells[5] == "+0.0715 [-0.0313, +0.174] (inconclusive, n=8)"
     assert cells[6].startswith("-0.132 [-0.315, +0.051] (inconclusive, n=8), as at the last evaluation")
+    rerun = row | {"equal_compute_n": 8, "equal_compute_diff": 0.2, "equal_compute_low": 0.1,
+                   "equal_compute_high": 0.3, "equal_compute_verdict": "held", "equal_compute_status": "",
+                   "equal_compute_reruns": 8, "equal_compute_reruns_flat": 3}
+    cells = dc.effects_table([("s", "../s", pd.DataFrame([rerun]))]).splitlines()[2].split(" | ")
+    assert cells[6] == ("+0.2 [+0.1, +0.3] (held, n=8); the base re-run to DoPr's wall-clock on 8/8 seeds, its "
+                        "val/loss flat at the end on 3")
     assert cells[8] == "**not shown** |"

@@ -678,6 +678,8 @@ def decomposition_rows(parts: list[dict]) -> pd.DataFrame:
             "base_last_quarter_change_median": cv["median_change"], "plateau_fraction": PLATEAU_FRACTION,
             "dopr_s_per_step": ec["dopr_s_per_step"], "base_s_per_step": ec["base_s_per_step"],
             **res("equal_compute", ec["result"]), "equal_compute_status": ec["status"],
+            "equal_compute_reruns": ec.get("longer", {}).get("n", 0),
+            "equal_compute_reruns_flat": ec.get("longer", {}).get("flat", 0),
             **res("final", p["final"]), "paper_claim": p["claim"][0], "paper_claim_why": p["claim"][1]})
     return pd.DataFrame(rows)
 
@@ -777,6 +779,10 @@ def effects_table(studies: list[tuple[str, str, pd.DataFrame]]) -> str:
                 compute = f"{_csv_interval(r, 'final')}, as at the last evaluation (DoPr's step no costlier)"
             elif compute == "no seed" and isinstance(status, str):
                 compute = status.split(";")[0]
+            reruns = r.get("equal_compute_reruns", 0)
+            if isinstance(reruns, (int, float, np.integer, np.floating)) and reruns > 0:
+                compute += (f"; the base re-run to DoPr's wall-clock on {int(reruns)}/{seeds} seeds, its val/loss "
+                            f"flat at the end on {int(r['equal_compute_reruns_flat'])}")
             rows.append({
                 "study": f"[{name}]({link})",
                 "pair": f"{r['dopr']} ({r['dopr setting']}) vs {r['base']} ({r['base setting']})",
