@@ -293,6 +293,7 @@ EXPECTED_RUNS = {
     "gym_hopper_noise": (460, "51788262e7c5ceb2"),
     "gym_walker2d_budget": (348, "8183a53dc527cda2"),
     "gym_hopper_converged": (214, "95482fc7d7230723"),
+    "gym_humanoid_converged": (236, "a30a21e13f9cbdb3"),
     "lds_anisotropy": (408, "34d8dbddc33d0401"),
     "lm_arith_len45": (195, "e166768b8d71284b"),
     "lm_arith_converged": (214, "e8f298fa62249d39"),
