@@ -147,22 +147,23 @@ def test_equal_compute_gives_the_base_dopr_wall_clock_or_says_it_is_too_short():
 
 def test_equal_compute_takes_the_base_rerun_where_its_steps_reach_dopr_wall_clock():
     """The equal_compute stage's re-run of the base stands in for a verdict run that ended before DoPr's
-    wall-clock, read at its last evaluation, only where its steps reach what that wall-clock buys the base;
-    its own (possibly loaded) clock is not read."""
+    wall-clock, read at its last evaluation, only where its steps reach what that wall-clock buys the base by
+    less than one evaluation more (a re-run made for that budget); its own (possibly loaded) clock is not read."""
     # DoPr: 400 steps at 2 s/step (800 s). The base's verdict runs: 400 steps at 1 s/step, so it needs 800 steps.
     dopr = {s: run([0.8, 0.4, 0.2, 0.1], [0.1, 0.5, 0.8, 0.9], seconds_per_step=2.0) for s in (1, 2, 3)}
     base = {s: run([1.0, 0.5, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4]) for s in (1, 2, 3)}
-    longer = {1: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.11, 0.11, 0.11], [0.1 * i for i in range(9)],
-                     seconds_per_step=5.0),  # 900 steps >= 800; its slow clock is ignored
-              2: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.11], [0.95] * 7)}  # 700 steps: short of 800
+    longer = {1: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.11, 0.11, 0.11], [0.1 * i for i in range(8)],
+                     seconds_per_step=5.0),  # 800 steps: made for this budget; its slow clock is ignored
+              2: run([1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.11], [0.95] * 7),  # 700 steps: short of 800
+              3: run([0.2] * 16, [0.95] * 16)}  # 1600 steps: twice DoPr's wall-clock, not this budget's run
     out = dc.equal_compute(dopr, base, METRIC, higher=True, longer=longer)
     by_seed = {r["seed"]: r for r in out["seeds"]}
-    assert by_seed[1]["base"] == pytest.approx(0.8) and by_seed[1]["longer_steps"] == 900
+    assert by_seed[1]["base"] == pytest.approx(0.7) and by_seed[1]["longer_steps"] == 800
     assert math.isnan(by_seed[2]["base"]) and by_seed[2]["longer_steps"] is None
-    assert math.isnan(by_seed[3]["base"])  # no re-run, not flat: too short
-    assert out["result"].diff.n == 1 and out["result"].diff.mean == pytest.approx(0.9 - 0.8)
-    assert "on 1/3 seeds, its last evaluation taken: 1.12-1.12x the steps" in out["status"]
-    assert "flat over its last quarter on 1/1 (converged)" in out["status"]  # 0.11 -> 0.11 from step 700
+    assert math.isnan(by_seed[3]["base"]) and by_seed[3]["longer_steps"] is None
+    assert out["result"].diff.n == 1 and out["result"].diff.mean == pytest.approx(0.9 - 0.7)
+    assert "on 1/3 seeds, its last evaluation taken: 1.00-1.00x the steps" in out["status"]
+    assert "flat over its last quarter on 1/1 (converged)" in out["status"]  # 0.11 -> 0.11 from step 600
     assert "base budget too short on 2/3 seeds" in out["status"] and "stage=equal_compute" in out["status"]
     # Where the verdict run already covers DoPr's wall-clock it is read, not the re-run.
     long_enough = {1: run([1.0] * 8, [0.5] * 8)}

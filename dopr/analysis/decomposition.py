@@ -29,8 +29,9 @@ answered from the evaluation points (evals.csv), paired by seed.
    between the base's evaluations), paired by seed. A base run that stopped before that wall_time is replaced
    by the base's re-run with more steps where the study has one (dopr/study.py's equal_compute stage, stage
    "equal_compute" in runs.csv): its last evaluation stands when its steps reach those DoPr's wall-clock buys
-   the base at its verdict run's seconds per step (the re-run's own clock is not read: it may have run beside
-   other work), and part 3's plateau rule is applied to those re-runs too. Without one, the base keeps its last
+   the base at its verdict run's seconds per step, by less than one evaluation interval more (a re-run made
+   for that budget; its own clock is not read: it may have run beside other work), and part 3's plateau rule
+   is applied to those re-runs too. Without one, the base keeps its last
    value where part 3 found that run flat (its schedule had ended on a plateau: "carried"), and gives None
    otherwise ("base budget too short; rerun the base with more steps"). Where DoPr's step is not costlier,
    the fixed-budget verdict already is the equal-compute one.
@@ -434,9 +435,13 @@ def equal_compute(dopr: dict, base: dict, metric: str, higher: bool, flat: set |
         value = value_at_time(b, budget, metric)
         needed = budget / seconds_per_step(b)
         long_run = longer[s].dropna(subset=[metric]) if s in longer else None
-        # the longer run's own clock is not used: it may have run beside other work; its steps are what count
-        long_steps = (float(long_run["step"].iloc[-1]) if long_run is not None and len(long_run)
-                      and not math.isfinite(value) and float(long_run["step"].iloc[-1]) >= needed else None)
+        # The re-run's own clock is not used (it may have run beside other work); its steps are what count, and
+        # only a re-run made for this budget stands: at least the steps needed, less than one evaluation more.
+        long_steps = None
+        if long_run is not None and len(long_run) >= 2 and not math.isfinite(value):
+            steps = long_run["step"].to_numpy(dtype=float)
+            if needed <= steps[-1] < needed + float(np.median(np.diff(steps))):
+                long_steps = float(steps[-1])
         if long_steps is not None:
             value = float(long_run[metric].iloc[-1])
         carried = not math.isfinite(value) and s in flat and len(b) > 0
