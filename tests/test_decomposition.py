@@ -324,6 +324,17 @@ def test_arm_time_curves_average_each_arm_over_its_verdict_seeds():
     assert dopr["mean"].tolist() == pytest.approx([1.1, 2.1])
     # two seeds 0.2 apart: t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.1414 / 1.414 = 1.2706 each side
     assert (dopr["high"] - dopr["mean"]).tolist() == pytest.approx([1.2706, 1.2706], rel=1e-3)
+    # Base re-runs (their own clocks 10x slow, beside other work) are placed at step x their verdict run's
+    # s/step; steps only one of them reached are left out, and each one's last evaluation makes the end point.
+    rows += [{"run": "rerun/0", "step": step, "wall_time": 10.0 * step, "test/return": 5.0} for step in (20, 40)]
+    rows += [{"run": "rerun/1", "step": step, "wall_time": 10.0 * step, "test/return": 6.0} for step in (20, 40, 60)]
+    reruns = {"adamw re-run": {0: ("rerun/0", 1.0), 1: ("rerun/1", 2.0)}}
+    curve = arm_time_curves(pd.DataFrame(rows), [pair], "test/return", reruns)["adamw re-run"]
+    assert curve["step"].tolist() == [20, 40, 60] and curve["seeds"].tolist() == [2, 2, 2]
+    assert curve["wall_time"].tolist() == pytest.approx([30.0, 60.0, (40.0 + 120.0) / 2])
+    assert curve["mean"].tolist() == pytest.approx([5.5, 5.5, 5.5])
+    curves = arm_time_curves(pd.DataFrame(rows), [pair], "test/return", reruns)
+    assert curves["adamw (lr=1)"]["wall_time"].tolist() == pytest.approx([10.5, 20.5])  # the others unchanged
 
 
 def _claim(dopr_metric, base_metric, train_dopr=None, train_base=None, steps=None, base_vals=None):

@@ -572,7 +572,9 @@ def decompose(evals: pd.DataFrame, runs: pd.DataFrame, choice: pd.DataFrame, set
                     "convergence": plateau,
                     "equal_compute": equal_compute(dopr, base, metric, higher, flat, apart,
                                                    {seed: by_run[r] for seed, r in longer.items()}),
-                    "final": final_difference(dopr, base, metric, higher)})
+                    "final": final_difference(dopr, base, metric, higher),
+                    # the base's equal-compute re-runs: seed -> (run, seconds per step of its verdict run)
+                    "reruns": {seed: (r, seconds_per_step(base[seed])) for seed, r in longer.items() if seed in base}})
         out[-1]["claim"] = paper_claim(out[-1])
     return out
 

@@ -115,30 +115,49 @@ def trajectories_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Pat
     plt.close(fig)
 
 
-def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str) -> dict[str, pd.DataFrame]:
+def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str,
+                    reruns: dict[str, dict[int, tuple[str, float]]] | None = None) -> dict[str, pd.DataFrame]:
     """Every arm of the verdict pairs (GPs, DoPr variants, peers; each at its chosen setting, each once):
     per evaluation step, the mean wall-clock seconds to reach it over the verdict seeds and the mean of
     ``metric`` with its 95% t-interval. Label "name (setting)" -> columns step, seeds, wall_time, mean,
-    low, high."""
+    low, high. ``reruns``: further arms, label -> seed -> (run, seconds per step): the base's equal-compute
+    re-runs, placed at step x the seconds per step of the seed's verdict run (their own clocks may have run
+    beside other work), at the steps every re-run reached, then one point from each re-run's last evaluation
+    (each ends at its seed's DoPr wall-clock)."""
     arms: dict[str, dict] = {}
     for pair in pairs:
         arms.setdefault(f"{pair.base_name} ({pair.base_setting})", pair.base)
         arms.setdefault(f"{pair.dopr_name} ({pair.dopr_setting})", pair.dopr)
+    clocks = {}
+    for label, runs in (reruns or {}).items():
+        arms.setdefault(label, {seed: run for seed, (run, _) in runs.items()})
+        clocks.update({run: sps for run, sps in runs.values()})
     curves = {}
     for label, runs in arms.items():
         points = evals[evals["run"].isin(list(runs.values()))].replace([np.inf, -np.inf], np.nan)
+        rerun = label in (reruns or {})
+        if rerun:
+            points = points.assign(wall_time=points["step"] * points["run"].map(clocks))
         if "wall_time" not in points or points["wall_time"].isna().all():
             continue
         rows = []
         for step, at in points.groupby("step", sort=True):
+            if rerun and at["run"].nunique() < len(runs):
+                continue  # the re-runs end at different steps: a mean over the remaining seeds would mislead
             interval = mean_interval(at[metric])
             rows.append(dict(step=step, seeds=interval.n, wall_time=float(at["wall_time"].mean()),
+                             mean=interval.mean, low=interval.low, high=interval.high))
+        if rerun:  # then where each ended, at its seed's DoPr wall-clock: the equal-compute point
+            last = points.sort_values("step").groupby("run").tail(1)
+            interval = mean_interval(last[metric])
+            rows.append(dict(step=int(last["step"].max()), seeds=interval.n, wall_time=float(last["wall_time"].mean()),
                              mean=interval.mean, low=interval.low, high=interval.high))
         curves[label] = pd.DataFrame(rows)
     return curves
 
 
-def arms_time_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, title: str) -> None:
+def arms_time_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, title: str,
+                     reruns: dict[str, dict[int, tuple[str, float]]] | None = None) -> None:
     """``arm_time_curves`` on one axis, each interval a band: what each arm reaches for the time it costs
     (a run's wall-clock includes its evaluations and the machine's load). DoPr arms solid, others dashed."""
     import matplotlib
@@ -147,7 +166,7 @@ def arms_time_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (label, curve) in enumerate(arm_time_curves(evals, pairs, metric).items()):
+    for i, (label, curve) in enumerate(arm_time_curves(evals, pairs, metric, reruns).items()):
         color = f"C{i % 10}"
         ax.plot(curve["wall_time"], curve["mean"], "-" if label.startswith("dopr") else "--", color=color,
                 marker=".", label=f"{label}, {int(curve['seeds'].max())} seeds")

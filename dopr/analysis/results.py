@@ -164,8 +164,10 @@ def write_study(spec: StudySpec, analysis_command: str, resamples: int = 2000) -
         (out / "decomposition.md").write_text(decomposition.decomposition_table(parts))
         trajectories_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "trajectories.png",
                             f"{spec.name}: verdict seeds along training")
+        reruns = {f"{part['pair'].base_name} ({part['pair'].base_setting}), re-run to DoPr's wall-clock":
+                  part["reruns"] for part in parts if part["reruns"]}
         arms_time_figure(sweep.evals, [part["pair"] for part in parts], metric, out / "arms_vs_time.png",
-                         f"{spec.name}: every arm against wall-clock")
+                         f"{spec.name}: every arm against wall-clock", reruns)
     print("\n".join(study_md))
     print(f"wrote {out}/: runs.csv ({len(everyone)} runs), provenance.json, cells, choice, headline, decoupling, arms "
           f"(.csv/.md), study.md, val_vs_test.png, readme_row.json/.md")
