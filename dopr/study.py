@@ -42,6 +42,11 @@ CHOSEN = ("opt.lr", "opt.ap.damping")  # the settings tuning chooses, as choice.
 Log = Callable[[Job, dict, float], None]
 
 
+def chosen_settings(choice: dict, opt: str) -> dict:
+    """``opt``'s settings as tuning chose them (lr, damping), from choice.json's entry."""
+    return {k: v for k, v in choice[opt].items() if k in CHOSEN}
+
+
 def _dirname(settings: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in settings.items())
 
@@ -126,7 +131,7 @@ def verdict_jobs(plan: dict, root: Path, choice: dict) -> list[Job]:
     todo = []
     for cell in verdict_cells(plan):
         where = {**plan["tune_at"], **cell}
-        arms = [(opt, {k: v for k, v in choice[opt].items() if k in CHOSEN}) for opt in verdict_optimizers(plan, cell)]
+        arms = [(opt, chosen_settings(choice, opt)) for opt in verdict_optimizers(plan, cell)]
         todo += [job(root, "verdict", plan, opt, s, settings, where)
                  for s in plan["verdict_seeds"] for opt, settings in arms]
     return todo
@@ -149,7 +154,7 @@ def _host(summary: dict) -> tuple:
 def equal_compute_steps(plan: dict, root: Path, choice: dict, base: str, seed: int, where: dict) -> int | None:
     """The steps that give ``base`` its DoPr partner's wall-clock on ``seed`` in the cell ``where`` (the
     equal_compute stage's rule, module docstring); None until both verdict runs finished on one machine."""
-    arms = [job(root, "verdict", plan, o, seed, {k: v for k, v in choice[o].items() if k in CHOSEN}, where)
+    arms = [job(root, "verdict", plan, o, seed, chosen_settings(choice, o), where)
             for o in (base, f"dopr_{base}")]
     b, d = (_finished_summary(j.run_dir) for j in arms)
     if b is None or d is None or not b.get("machine") or _host(b) != _host(d):
@@ -169,7 +174,7 @@ def equal_compute_jobs(plan: dict, root: Path, choice: dict) -> list[Job]:
     for base in plan["equal_compute"]:
         if f"dopr_{base}" not in choice:
             raise SystemExit(f"equal_compute: dopr_{base} has no choice yet: tune it (optimizers=[{base},dopr_{base}])")
-        settings = {k: v for k, v in choice[base].items() if k in CHOSEN}
+        settings = chosen_settings(choice, base)
         steps, waiting = {}, 0
         for cell in verdict_cells(plan):
             where = {**plan["tune_at"], **cell}
