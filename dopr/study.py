@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from dopr.analysis.decomposition import HOST_FIELDS
+from dopr.analysis.decomposition import host_of
 from dopr.analysis.plan import verdict_cells, verdict_optimizers
 from dopr.analysis.stats import higher_is_better, is_log_scale
 from dopr.analysis.sweep import EQUAL_COMPUTE_STAGE, finished_metrics, summarize_run
@@ -145,19 +145,16 @@ def _finished_summary(run_dir: Path) -> dict | None:
     return summary if summary.get("status") == "finished" else None
 
 
-def _host(summary: dict) -> tuple:
-    """The machine a run's wall-clock belongs to (as dopr.analysis.decomposition.run_hosts compares them)."""
-    machine = summary.get("machine") or {}
-    return tuple(machine.get(k) for k in HOST_FIELDS) + (summary.get("threads"),)
-
-
 def equal_compute_steps(plan: dict, root: Path, choice: dict, base: str, seed: int, where: dict) -> int | None:
     """The steps that give ``base`` its DoPr partner's wall-clock on ``seed`` in the cell ``where`` (the
     equal_compute stage's rule, module docstring); None until both verdict runs finished on one machine."""
     arms = [job(root, "verdict", plan, o, seed, chosen_settings(choice, o), where)
             for o in (base, f"dopr_{base}")]
     b, d = (_finished_summary(j.run_dir) for j in arms)
-    if b is None or d is None or not b.get("machine") or _host(b) != _host(d):
+    if b is None or d is None:
+        return None
+    host = host_of(b.get("machine"), b.get("threads"))
+    if host is None or host != host_of(d.get("machine"), d.get("threads")):
         return None
     b_time, d_time = b["last"].get("wall_time"), d["last"].get("wall_time")
     if not b_time or not d_time:

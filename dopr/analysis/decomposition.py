@@ -204,6 +204,14 @@ def seconds_per_step(run: pd.DataFrame) -> float:
 HOST_FIELDS = ("cpu", "aten_cpu_capability", "cores")
 
 
+def host_of(machine, threads) -> str | None:
+    """The machine and thread count a run's wall-clock belongs to (``HOST_FIELDS`` of its record's ``machine``
+    and its ``threads``), or None where the record does not say; equal strings mean comparable clocks."""
+    if not isinstance(machine, dict) or not machine or threads is None or pd.isna(threads):
+        return None
+    return ", ".join(f"{k} {machine.get(k)}" for k in HOST_FIELDS) + f", threads {int(float(threads))}"
+
+
 def run_hosts(evals: pd.DataFrame) -> dict:
     """run -> a description of the machine and thread count it ran on (``HOST_FIELDS`` of the record's
     ``machine`` and ``threads``), or None where the records do not say."""
@@ -216,11 +224,7 @@ def run_hosts(evals: pd.DataFrame) -> dict:
             machine = json.loads(first["machine"]) if isinstance(first["machine"], str) else None
         except json.JSONDecodeError:
             machine = None
-        threads = first.get("threads")
-        if not isinstance(machine, dict) or pd.isna(threads):
-            hosts[run] = None
-            continue
-        hosts[run] = ", ".join(f"{k} {machine.get(k)}" for k in HOST_FIELDS) + f", threads {int(float(threads))}"
+        hosts[run] = host_of(machine, first.get("threads"))
     return hosts
 
 
