@@ -18,7 +18,10 @@ A step is forward + backward + optimizer step (``zero_grad`` just before it, unt
     ms/step, ratio, worst step / AdamW median, all of its state in MB (GP's, including tensors held
     in lists as SOAP's and Kron's are, plus AP's); for DoPr rows the floor and "x floor", the row's
     ratio to its own base GP over that floor. A peer that fails to build or step on a workload
-    gets its error in the table instead of numbers; the others go on.
+    gets its error in the table instead of numbers; the others go on;
+  - the kernels (with DoPr-AdamW): exact AP's statistics, Cholesky and triangular solves timed alone on
+    the workload's shapes beside the model's matmuls, which splits DoPr-AdamW's time over the floor into
+    the kernels' rate and the rest of AP's step (see kernel_floor).
 
     python scripts/bench_optim.py                       # residual-MLP BC policy on CPU, pairs and peers
     python scripts/bench_optim.py device=cuda           # adds a GPT-style block stack (bf16 autocast)
@@ -47,6 +50,9 @@ Keys (key=value, like run.py's overrides):
     formed        also DoPr-AdamW with every inverse formed as P and multiplied, where by default AP applies an
                   inverse used once by solving with its Cholesky factor (what that saves), when pairs has adamw
                   (default true)
+    kernels       also time exact AP's kernels alone on the workload's shapes (statistics, Cholesky, triangular
+                  solves) beside the model's matmuls, when pairs has adamw: how much of DoPr-AdamW's time over
+                  the flop floor is the kernels' rate and how much the rest of AP's step (default true)
     wide_width, wide_batch
                   size of the wide workload (default 1024, 1024)
     gpt_d_model, gpt_layers, gpt_seq_len, gpt_batch
@@ -212,6 +218,78 @@ def flop_floor(layers: list[dict], stat_interval: int = 1, inverse_interval: int
                 exact=(model + stats + factor + gp) / model, amortized=(model + amortized) / model,
                 formed=(model + stats + factor + inverse + gp) / model,
                 stat_interval=stat_interval, inverse_interval=inverse_interval, max_rows=max_rows)
+
+
+def kernel_floor(layers: list[dict], device: str, repeats: int = 15) -> dict:
+    """Exact AP's kernels alone, on the workload's shapes, at the speed they run here: where its time over the
+    flop floor goes.
+
+    Each term of flop_floor's exact AP is timed with the call AP makes for it: zᵀz by ``addmm_`` into the
+    layer's sum (statistics.LayerStats), one batched ``cholesky_ex`` per input size d (AP batches layers of one
+    size), G·P by ``solvers.solve_with_factor`` (two triangular solves); beside them the model's matmuls of
+    the same layers (forward, input gradient, weight gradient). Each call is timed ``repeats`` times,
+    the terms interleaved, and the median kept. Its ms against the same multiply-adds at the model matmuls'
+    rate splits DoPr's time over the flop floor into the kernels' own rate (a Cholesky or a triangular solve
+    slower per multiply-add than a GEMM) and the rest of AP's step (the gap between these kernels and the
+    measured DoPr − base: copies, casts, checks, Python).
+    """
+    from dopr.optim.solvers import solve_with_factor
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+    calls: dict[str, list] = {"model": [], "statistics": [], "factor": [], "solve": []}
+    for x in layers:
+        n, d_in, d, d_out = x["n"], x["d_in"], x["d"], x["d_out"]
+        inp, weight, grad_out = rand(n, d_in), rand(d_out, d_in), rand(n, d_out)
+        calls["model"] += [lambda a=inp, w=weight: a @ w.T, lambda g=grad_out, w=weight: g @ w,
+                           lambda g=grad_out, a=inp: g.T @ a]
+        xtx = torch.zeros(d_in, d_in, device=device)
+        calls["statistics"].append(lambda s=xtx, a=inp: s.addmm_(a.T, a))
+        G = rand(d_out, d)
+        calls["solve"].append((G, d))
+    factors = {}
+    for d in sorted({x["d"] for x in layers}):
+        count = sum(x["d"] == d for x in layers)
+        z = rand(2 * d, d)
+        S = ((z.T @ z) / (2 * d) + torch.eye(d, device=device)).expand(count, d, d).contiguous()
+        factors[d] = torch.linalg.cholesky_ex(S)[0]
+        calls["factor"].append(lambda S=S: torch.linalg.cholesky_ex(S))
+    calls["solve"] = [lambda G=G, L=factors[d][0]: solve_with_factor(G, L) for G, d in calls["solve"]]
+    times = {term: [[] for _ in fns] for term, fns in calls.items()}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for term, fns in calls.items():
+            for i, fn in enumerate(fns):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[term][i].append(time.perf_counter() - start)
+    ms = {term: 1e3 * sum(statistics.median(t[1:]) for t in ts) for term, ts in times.items()}
+    floor = flop_floor(layers)
+    macs = dict(model=floor["model"], statistics=floor["stats"], factor=floor["factor"], solve=floor["gp"])
+    model_rate = macs["model"] / ms["model"]  # multiply-adds per ms
+    return dict(ms=ms, macs=macs, gmacs={t: macs[t] / ms[t] / 1e6 for t in ms},
+                at_model_rate={t: macs[t] / model_rate for t in ms},
+                ap_ms=sum(ms[t] for t in ("statistics", "factor", "solve")), repeats=repeats)
+
+
+def kernel_markdown(kernels: dict, measured_ms: float | None) -> str:
+    names = dict(model="model matmuls (3·n·d_in·d_out)", statistics="statistics zᵀz (n·d²)",
+                 factor="Cholesky (d³/3)", solve="G·P, two triangular solves (d_out·d²)")
+    out = ["Exact AP's kernels alone (the calls AP makes, on these layers' shapes; median of "
+           f"{kernels['repeats']}):", "",
+           "| term | multiply-adds | ms | GMAC/s | ms at the model matmuls' rate |", "|---|---|---|---|---|"]
+    for term, label in names.items():
+        out.append(f"| {label} | {kernels['macs'][term]:.3g} | {kernels['ms'][term]:.2f} | "
+                   f"{kernels['gmacs'][term]:.1f} | {kernels['at_model_rate'][term]:.2f} |")
+    floor_ms = sum(kernels["at_model_rate"][t] for t in ("statistics", "factor", "solve"))
+    out.append(f"| AP's kernels | | {kernels['ap_ms']:.2f} | | {floor_ms:.2f} |")
+    if measured_ms is not None:
+        out += ["", f"DoPr-AdamW − AdamW in the timing above: {measured_ms:.2f} ms a step. Of it, AP's flops at the "
+                    f"model's rate: {floor_ms:.2f} ms; the kernels' slower rate: {kernels['ap_ms'] - floor_ms:+.2f} ms; "
+                    f"the rest of AP's step (copies, casts, checks, Python): {measured_ms - kernels['ap_ms']:+.2f} ms."]
+    return "\n".join(out)
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -438,6 +516,7 @@ class BenchArgs:
     peers: list[str] | None = None
     primal: bool = True
     formed: bool = True
+    kernels: bool = True
     wide_width: int = 1024
     wide_batch: int = 1024
     gpt_d_model: int = 768
@@ -501,7 +580,12 @@ def main(argv: list[str]) -> None:
         floor = flop_floor(results["_layers"], cheap["stat_interval"], cheap["inverse_interval"], cheap["max_rows"])
         rows = table(results, pairs)
         every = optimizer_table(results, names, floor)
-        text = "\n\n".join([markdown(rows, desc), floor_markdown(floor), optimizer_markdown(every)])
+        parts = [markdown(rows, desc), floor_markdown(floor), optimizer_markdown(every)]
+        if args.kernels and "dopr_adamw" in results:
+            floor["kernels"] = kernel_floor(results["_layers"], args.device)
+            gap = 1e3 * (statistics.median(results["dopr_adamw"]["times"]) - statistics.median(results["adamw"]["times"]))
+            parts.append(kernel_markdown(floor["kernels"], gap))
+        text = "\n\n".join(parts)
         print(text + "\n", flush=True)
         report += [text, ""]
         raw[desc], optimizers[desc], floors[desc] = rows, every, floor

@@ -109,6 +109,13 @@ def test_peer_table_on_the_wide_workload(tmp_path):
     assert rows["soap"]["floor"] is None and math.isfinite(rows["soap"]["ratio"])
     md = (tmp_path / "bench_peers.md").read_text()
     assert "ATen CPU capability" in md.splitlines()[0]
+    # exact AP's kernels alone, over the same multiply-adds as the floor
+    kernels = floor["kernels"]
+    assert kernels["macs"] == dict(model=floor["model"], statistics=floor["stats"], factor=floor["factor"],
+                                   solve=floor["gp"])
+    assert all(ms > 0 for ms in kernels["ms"].values())
+    assert math.isclose(kernels["ap_ms"], kernels["ms"]["statistics"] + kernels["ms"]["factor"] + kernels["ms"]["solve"])
+    assert "Exact AP's kernels alone" in md and "the rest of AP's step" in md
     assert "| floor, exact AP | floor, amortized AP |" in md and "| AP floor | x floor |" in md
     assert "| soap | " in md and "(amortized) |" in md
     assert [(r["base"], r["dopr"]) for r in report["results"][desc]] == [

@@ -303,12 +303,14 @@ class ActivationPreconditioner:
         for layer in owned:
             by_shape.setdefault((layer.dim, layer.S.device, layer.S.dtype), []).append(layer)
         for (_, device, _), group in by_shape.items():  # one batched Cholesky per shape
-            S = torch.stack([layer.S for layer in group])
-            factors = damped_cholesky(S, self.config.damping) if self._applied_once(device, world_size) else None
+            # torch.stack makes a new tensor, so the damping may go onto it: one pass over S saved
+            factors = (damped_cholesky(torch.stack([layer.S for layer in group]), self.config.damping, overwrite=True)
+                       if self._applied_once(device, world_size) else None)
             if factors is not None:
                 for layer, factor in zip(group, factors):
                     layer.set_inverse(factor=factor)
                 continue
+            S = torch.stack([layer.S for layer in group])
             for layer, inverse in zip(group, damped_inverse(S, self.config.damping)):
                 layer.set_inverse(P=inverse)
         if world_size > 1:

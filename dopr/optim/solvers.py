@@ -62,15 +62,17 @@ def full_fp32_precision():
 
 # -- the d x d path ------------------------------------------------------------------------------
 
-def damped_cholesky(S: torch.Tensor, damping: float) -> torch.Tensor | None:
+def damped_cholesky(S: torch.Tensor, damping: float, overwrite: bool = False) -> torch.Tensor | None:
     """Cholesky factors L of (S + damping*tr(S)/d*I) for a batch (B, d, d) of PSD matrices, in fp32 (or
     fp64); None unless every factorization succeeded on a finite, nonzero S (the caller then takes
-    :func:`damped_inverse`, whose fallbacks handle each matrix)."""
-    damped = S.to(torch.promote_types(S.dtype, torch.float32), copy=True)
+    :func:`damped_inverse`, whose fallbacks handle each matrix). With ``overwrite`` the damping goes onto
+    S itself (fp32 or wider) instead of a copy: for a caller that built S for this call alone."""
+    dtype = torch.promote_types(S.dtype, torch.float32)
+    damped = S if overwrite and S.dtype == dtype else S.to(dtype, copy=True)
     diagonal = torch.diagonal(damped, dim1=-2, dim2=-1)
     scale = diagonal.sum(-1) / S.shape[-1]  # mean eigenvalue, (B,)
-    # The damping goes onto the diagonal of one copy: the same sums as S + mu*I without building mu*I and
-    # the sum as (B, d, d) temporaries.
+    # The damping goes onto the diagonal (of a copy unless overwrite): the same sums as S + mu*I without
+    # building mu*I and the sum as (B, d, d) temporaries.
     diagonal.add_((damping * scale)[:, None])
     L, info = torch.linalg.cholesky_ex(damped)
     # One batched check on the common path; any nan/inf entry makes the sum non-finite.

@@ -38,7 +38,8 @@ class LayerStats:
         self.bias = block.bias  # the augmented bias parameter, or None
         self.in_dim = block.in_dim  # d_in, or C*kh*kw for convolutions
         self.dim = self.in_dim + (1 if self.bias is not None else 0)
-        self.xtx: torch.Tensor | None = None  # sum over recorded rows of z z^T
+        # Sums over this step's recorded rows; stale (a buffer to overwrite) while rows == 0.
+        self.xtx: torch.Tensor | None = None  # sum of z z^T
         self.xsum: torch.Tensor | None = None  # sum of z (only with bias augmentation)
         self.rows = 0
         # Rows kept (not yet reduced to z^T z) while the batch-space path may still be the cheaper one.
@@ -87,9 +88,14 @@ class LayerStats:
             self.xtx = self.xtx.to(dtype)
             self.xsum = None if self.xsum is None else self.xsum.to(dtype)
             z = z.to(dtype)
-        self.xtx.addmm_(z.T, z)
-        if self.xsum is not None:
-            self.xsum.add_(z.sum(0))
+        if self.rows == 0:  # the step's first rows overwrite the sums: reset() need not zero them
+            torch.mm(z.T, z, out=self.xtx)
+            if self.xsum is not None:
+                torch.sum(z, 0, out=self.xsum)
+        else:
+            self.xtx.addmm_(z.T, z)
+            if self.xsum is not None:
+                self.xsum.add_(z.sum(0))
         self.rows += z.shape[0]
 
     def batch_second_moment(self) -> torch.Tensor:
@@ -98,7 +104,7 @@ class LayerStats:
         if self.bias is None:
             return self.xtx / n
         S = self.xtx.new_empty(self.dim, self.dim)
-        S[:-1, :-1] = self.xtx / n
+        torch.div(self.xtx, n, out=S[:-1, :-1])  # in place: no (d_in, d_in) temporary
         S[:-1, -1] = S[-1, :-1] = self.xsum / n
         S[-1, -1] = 1.0 if self.rows else 0.0
         return S
@@ -123,12 +129,10 @@ class LayerStats:
         return G @ held if self.P is not None else solve_with_factor(G, held)
 
     def reset(self) -> None:
-        """Drop this step's statistics (committed rows and sums); S and the inverse stay."""
+        """Drop this step's statistics (committed rows and sums); S and the inverse stay. The sums' buffers
+        are kept, not zeroed: they hold the step's sums only while ``rows`` > 0, and the next step's first
+        rows overwrite them."""
         self.kept = []
-        if self.xtx is not None:
-            self.xtx.zero_()
-        if self.xsum is not None:
-            self.xsum.zero_()
         self.rows = 0
 
     # -- gradients -------------------------------------------------------------------------------

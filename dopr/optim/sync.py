@@ -30,6 +30,10 @@ def pack_statistics(layers: list[LayerStats]) -> torch.Tensor:
             layer.xtx = torch.zeros(layer.in_dim, layer.in_dim, device=layer.weight.device)
             if layer.bias is not None:
                 layer.xsum = torch.zeros(layer.in_dim, device=layer.weight.device)
+        elif layer.rows == 0:  # no rows on this process: its sums are a stale buffer, and it adds zeros
+            layer.xtx.zero_()
+            if layer.xsum is not None:
+                layer.xsum.zero_()
         parts += [layer.xtx.flatten()] + ([layer.xsum] if layer.xsum is not None else [])
         parts.append(torch.tensor([float(layer.rows)], device=layer.xtx.device))
     return torch.cat(parts)

@@ -204,7 +204,32 @@ def test_damped_cholesky_factors_the_damped_statistics_and_leaves_them_alone():
     mu = 0.1 * torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / 7
     torch.testing.assert_close(L @ L.mT, S + mu[:, None, None] * torch.eye(7, dtype=torch.float64))
     assert torch.equal(S, before)
+    # overwrite=True (a caller's scratch copy) damps S in place: the same sums, so the same factor
+    assert torch.equal(damped_cholesky(S.clone(), damping=0.1, overwrite=True), L)
 
+
+
+def test_a_layer_without_rows_adds_zeros_to_the_statistics_all_reduce():
+    """reset() leaves a layer's sums as a buffer for the next step's first rows to overwrite; a process that
+    records no rows for the layer in a step must still add zeros, not last step's sums, to the all-reduce."""
+    from dopr.optim.sync import pack_statistics
+
+    model = nn.Linear(4, 3)
+    ap = ActivationPreconditioner(model)
+    model(torch.randn(8, 4)).sum().backward()
+    ap.step()
+    (layer,) = ap.layers
+    assert layer.rows == 0 and bool(layer.xtx.abs().sum() > 0)  # last step's sums are still in the buffer
+    bucket = pack_statistics(ap.layers)
+    assert torch.equal(bucket, torch.zeros_like(bucket))
+    # and the next step's statistics are that step's rows alone: within the fp32 dot-product bound
+    # |fl(a.b) - a.b| <= gamma_n |a|.|b| (Higham 2002, eq. 3.5), n = 6 rows, against float64 math on the same rows
+    z = torch.randn(6, 4).double()
+    model(z.float()).sum().backward()
+    assert layer.rows == 6
+    u = 2.0**-24
+    gamma = 6 * u / (1 - 6 * u)
+    assert bool(((layer.xtx.double() - z.T @ z).abs() <= gamma * (z.abs().T @ z.abs())).all())
 
 @pytest.mark.parametrize("options,held", [(dict(), "factor"), (dict(stat_decay=0.5), "factor"),
                                           (dict(inverse_interval=2), "P"), (dict(stat_interval=2), "P")])
