@@ -99,14 +99,17 @@ class LayerStats:
         self.rows += z.shape[0]
 
     def batch_second_moment(self) -> torch.Tensor:
-        """S of the recorded rows, augmented with the constant-1 column when biases are included."""
-        n = max(self.rows, 1)
+        """S of the recorded rows, augmented with the constant-1 column when biases are included (zero
+        without rows: the sums' buffers then hold a past step's)."""
+        if self.rows == 0:
+            return self.xtx.new_zeros(self.dim, self.dim)
+        n = self.rows
         if self.bias is None:
             return self.xtx / n
         S = self.xtx.new_empty(self.dim, self.dim)
         torch.div(self.xtx, n, out=S[:-1, :-1])  # in place: no (d_in, d_in) temporary
         S[:-1, -1] = S[-1, :-1] = self.xsum / n
-        S[-1, -1] = 1.0 if self.rows else 0.0
+        S[-1, -1] = 1.0
         return S
 
     # -- the inverse ------------------------------------------------------------------------------
