@@ -239,6 +239,7 @@ def kernel_floor(layers: list[dict], device: str, repeats: int = 15) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
     calls: dict[str, list] = {"model": [], "statistics": [], "factor": [], "solve": []}
+    gradients = []  # (G, d) per layer, solved with its size's factor below
     for x in layers:
         n, d_in, d, d_out = x["n"], x["d_in"], x["d"], x["d_out"]
         inp, weight, grad_out = rand(n, d_in), rand(d_out, d_in), rand(n, d_out)
@@ -246,8 +247,7 @@ def kernel_floor(layers: list[dict], device: str, repeats: int = 15) -> dict:
                            lambda g=grad_out, a=inp: g.T @ a]
         xtx = torch.zeros(d_in, d_in, device=device)
         calls["statistics"].append(lambda s=xtx, a=inp: s.addmm_(a.T, a))
-        G = rand(d_out, d)
-        calls["solve"].append((G, d))
+        gradients.append((rand(d_out, d), d))
     factors = {}
     for d in sorted({x["d"] for x in layers}):
         count = sum(x["d"] == d for x in layers)
@@ -255,7 +255,7 @@ def kernel_floor(layers: list[dict], device: str, repeats: int = 15) -> dict:
         S = ((z.T @ z) / (2 * d) + torch.eye(d, device=device)).expand(count, d, d).contiguous()
         factors[d] = torch.linalg.cholesky_ex(S)[0]
         calls["factor"].append(lambda S=S: torch.linalg.cholesky_ex(S))
-    calls["solve"] = [lambda G=G, L=factors[d][0]: solve_with_factor(G, L) for G, d in calls["solve"]]
+    calls["solve"] = [lambda G=G, L=factors[d][0]: solve_with_factor(G, L) for G, d in gradients]
     times = {term: [[] for _ in fns] for term, fns in calls.items()}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for term, fns in calls.items():
