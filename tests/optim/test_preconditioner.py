@@ -208,7 +208,6 @@ def test_damped_cholesky_factors_the_damped_statistics_and_leaves_them_alone():
     assert torch.equal(damped_cholesky(S.clone(), damping=0.1, overwrite=True), L)
 
 
-
 def test_a_layer_without_rows_adds_zeros_to_the_statistics_all_reduce():
     """reset() leaves a layer's sums as a buffer for the next step's first rows to overwrite; a process that
     records no rows for the layer in a step must still add zeros, not last step's sums, to the all-reduce."""
@@ -230,6 +229,7 @@ def test_a_layer_without_rows_adds_zeros_to_the_statistics_all_reduce():
     u = 2.0**-24
     gamma = 6 * u / (1 - 6 * u)
     assert bool(((layer.xtx.double() - z.T @ z).abs() <= gamma * (z.abs().T @ z.abs())).all())
+
 
 @pytest.mark.parametrize("options,held", [(dict(), "factor"), (dict(stat_decay=0.5), "factor"),
                                           (dict(inverse_interval=2), "P"), (dict(stat_interval=2), "P")])
