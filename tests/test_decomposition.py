@@ -1,6 +1,7 @@
 """dopr/analysis/decomposition.py (docs/STUDIES.md §3b) on synthetic curves with known answers: speed, matched
 loss (per seed and pooled), converged or budget-limited, equal compute, and the table."""
 
+import json
 import math
 
 import numpy as np
@@ -335,6 +336,25 @@ def test_arm_time_curves_average_each_arm_over_its_verdict_seeds():
     assert curve["mean"].tolist() == pytest.approx([5.5, 5.5, 5.5])
     curves = arm_time_curves(pd.DataFrame(rows), [pair], "test/return", reruns)
     assert curves["adamw (lr=1)"]["wall_time"].tolist() == pytest.approx([10.5, 20.5])  # the others unchanged
+    assert curves["adamw (lr=1)"].attrs["hosts"] == frozenset()  # these records name no machine
+
+
+def test_arm_time_curves_name_the_machines_each_arm_ran_on():
+    """Wall-clocks compare only within one machine and thread count: each curve carries the hosts its runs'
+    records name, so a figure mixing them can say so."""
+    from dopr.analysis.decomposition import Pair, host_of
+    from dopr.analysis.figures import arm_time_curves
+
+    avx2 = {"cpu": "AMD EPYC", "aten_cpu_capability": "AVX2", "cores": 2}
+    avx512 = dict(avx2, aten_cpu_capability="AVX512")
+    machine = {"adamw/0": avx2, "adamw/1": avx512, "dopr_adamw/0": avx512, "dopr_adamw/1": avx512}
+    rows = [{"run": run, "step": step, "wall_time": float(step), "test/return": 1.0, "machine": json.dumps(m),
+             "threads": 1} for run, m in machine.items() for step in (10, 20)]
+    pair = Pair("t", "adamw", "adamw", "dopr_adamw", "lr=1", "lr=2", {0: "adamw/0", 1: "adamw/1"},
+                {0: "dopr_adamw/0", 1: "dopr_adamw/1"})
+    curves = arm_time_curves(pd.DataFrame(rows), [pair], "test/return")
+    assert curves["adamw (lr=1)"].attrs["hosts"] == {host_of(avx2, 1), host_of(avx512, 1)}
+    assert curves["dopr_adamw (lr=2)"].attrs["hosts"] == {host_of(avx512, 1)}
 
 
 def _claim(dopr_metric, base_metric, train_dopr=None, train_base=None, steps=None, base_vals=None):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dopr.analysis.decomposition import run_hosts
 from dopr.analysis.stats import is_log_scale, mean_interval
 
 PICK_WORDS = {"best": "best checkpoint by the metric itself", "final": "last evaluation",
@@ -120,8 +121,9 @@ def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str,
     """Every arm of the verdict pairs (GPs, DoPr variants, peers; each at its chosen setting, each once):
     per evaluation step, the mean wall-clock seconds to reach it over the verdict seeds and the mean of
     ``metric`` with its 95% t-interval. Label "name (setting)" -> columns step, seeds, wall_time, mean,
-    low, high. ``reruns``: further arms, label -> seed -> (run, seconds per step): the base's equal-compute
-    re-runs, placed at step x the seconds per step of the seed's verdict run (their own clocks may have run
+    low, high; its ``attrs["hosts"]``: the machines and thread counts its runs' records name (``run_hosts``),
+    since wall-clocks compare only within one. ``reruns``: further arms, label -> seed -> (run, seconds per
+    step): the base's equal-compute re-runs, placed at step x the seconds per step of the seed's verdict run (their own clocks may have run
     beside other work), at the steps every re-run reached, then one point from each re-run's last evaluation
     (each ends at its seed's DoPr wall-clock)."""
     arms: dict[str, dict] = {}
@@ -132,6 +134,7 @@ def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str,
     for label, runs in (reruns or {}).items():
         arms.setdefault(label, {seed: run for seed, (run, _) in runs.items()})
         clocks.update({run: sps for run, sps in runs.values()})
+    hosts = run_hosts(evals)
     curves = {}
     for label, runs in arms.items():
         points = evals[evals["run"].isin(list(runs.values()))].replace([np.inf, -np.inf], np.nan)
@@ -153,28 +156,37 @@ def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str,
             rows.append(dict(step=int(last["step"].max()), seeds=interval.n, wall_time=float(last["wall_time"].mean()),
                              mean=interval.mean, low=interval.low, high=interval.high))
         curves[label] = pd.DataFrame(rows)
+        curves[label].attrs["hosts"] = frozenset(hosts[r] for r in runs.values() if hosts.get(r) is not None)
     return curves
 
 
 def arms_time_figure(evals: pd.DataFrame, pairs: list, metric: str, path: Path, title: str,
                      reruns: dict[str, dict[int, tuple[str, float]]] | None = None) -> None:
     """``arm_time_curves`` on one axis, each interval a band: what each arm reaches for the time it costs
-    (a run's wall-clock includes its evaluations and the machine's load). DoPr arms solid, others dashed."""
+    (a run's wall-clock includes its evaluations and the machine's load). DoPr arms solid, others dashed.
+    Where the runs name more than one machine the legend says how many per arm and the title says that
+    clocks compare only within one machine (``run_hosts``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = arm_time_curves(evals, pairs, metric, reruns)
+    machines = len(frozenset().union(*(curve.attrs["hosts"] for curve in curves.values())))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (label, curve) in enumerate(arm_time_curves(evals, pairs, metric, reruns).items()):
+    for i, (label, curve) in enumerate(curves.items()):
         color = f"C{i % 10}"
+        n = len(curve.attrs["hosts"])
+        where = f", on {n} machine{'s' if n != 1 else ''}" if machines > 1 else ""
         ax.plot(curve["wall_time"], curve["mean"], "-" if label.startswith("dopr") else "--", color=color,
-                marker=".", label=f"{label}, {int(curve['seeds'].max())} seeds")
+                marker=".", label=f"{label}, {int(curve['seeds'].max())} seeds{where}")
         ax.fill_between(curve["wall_time"], curve["low"], curve["high"], color=color, alpha=0.12)
     ax.set_xlabel("wall-clock seconds (mean over verdict seeds)")
     ax.set_ylabel(f"{metric} (mean, 95% interval over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if machines > 1:
+        title += f"\nruns on {machines} machines (CPU, kernel set, threads): clocks compare only within one"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
