@@ -123,9 +123,9 @@ def arm_time_curves(evals: pd.DataFrame, pairs: list, metric: str,
     ``metric`` with its 95% t-interval. Label "name (setting)" -> columns step, seeds, wall_time, mean,
     low, high; its ``attrs["hosts"]``: the machines and thread counts its runs' records name (``run_hosts``),
     since wall-clocks compare only within one. ``reruns``: further arms, label -> seed -> (run, seconds per
-    step): the base's equal-compute re-runs, placed at step x the seconds per step of the seed's verdict run (their own clocks may have run
-    beside other work), at the steps every re-run reached, then one point from each re-run's last evaluation
-    (each ends at its seed's DoPr wall-clock)."""
+    step): the base's equal-compute re-runs, placed at step x the seconds per step of the seed's verdict run
+    (their own clocks may have run beside other work), at the steps every re-run reached, then one point
+    from each re-run's last evaluation (each ends at its seed's DoPr wall-clock)."""
     arms: dict[str, dict] = {}
     for pair in pairs:
         arms.setdefault(f"{pair.base_name} ({pair.base_setting})", pair.base)
