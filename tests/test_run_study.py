@@ -285,7 +285,7 @@ def test_every_committed_plan_is_a_registered_study_once_it_is_done():
 # order and of the settings choice.json holds), for the whole plan and then for its last GP pair alone beside
 # earlier choices. Since then only the verdict's order changed, to seed by seed (dopr.study.verdict_jobs): the
 # same runs, each plan's verdict job set checked equal to the old per-optimizer order's when the digests moved;
-# and gym_humanoid_converged now extends a grid up to twice (``extend: 2``; with 1 it gives its old (236, a30a21e1...)).
+# and gym_humanoid_converged's ``extend`` is 2.
 # The runs are faked (staged_runs), each optimizer's best lr and damping below, inside or above its grid, so
 # that grids are extended both ways up to ``extend`` times. A change here changes what a study runs.
 EXPECTED_RUNS = {
